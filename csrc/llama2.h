@@ -1,0 +1,109 @@
+/* llama2.h - the public C API of the llama2zh engine.
+ *
+ * Used by run.c and, through cffi, by llama2zh/engine.py (which parses the
+ * declarations below: keep them plain C, one per line group, no macros
+ * other than integer #defines).
+ *
+ * Errors: no function here exits or prints. A function that can fail takes
+ * `char *err` (L2_ERR_SIZE bytes) and on failure returns NULL or a negative
+ * number and writes one line (no newline) saying what was wrong.
+ */
+#ifndef LLAMA2_H
+#define LLAMA2_H
+
+#include <stddef.h>
+
+#define L2_ERR_SIZE 256
+
+/* ---- model.c: model.bin loading (mmap, validated) and the forward pass ---- */
+
+typedef struct {
+    int dim;               /* transformer width */
+    int hidden_dim;        /* SwiGLU hidden width */
+    int n_layers;
+    int n_heads;
+    int n_kv_heads;        /* grouped-query attention: n_heads % n_kv_heads == 0 */
+    int vocab_size;
+    int seq_len;           /* longest context the model was built for */
+    int shared_classifier; /* 1: the classifier is the token embedding */
+    int version;           /* file format: 0 legacy, 1 ak42 fp32 */
+} L2Config;
+
+typedef struct L2Model L2Model;
+
+L2Model *l2_model_open(const char *path, char *err);
+void l2_model_close(L2Model *m);
+const L2Config *l2_model_config(const L2Model *m);
+/* Runs `token` at position `pos` (the KV cache must already hold positions
+ * 0..pos-1) and returns vocab_size logits, owned by the model and valid until
+ * the next call; NULL with err set when token or pos is out of range. */
+float *l2_model_forward(L2Model *m, int token, int pos, char *err);
+
+/* ---- tokenizer.c: tokenizer.bin loading, encode, streaming decode ---- */
+
+typedef struct L2Tokenizer L2Tokenizer;
+
+/* vocab_size > 0: the file must hold exactly that many pieces (the model's
+ * vocab); vocab_size == 0: accept the piece count the file holds. */
+L2Tokenizer *l2_tokenizer_open(const char *path, int vocab_size, char *err);
+void l2_tokenizer_close(L2Tokenizer *t);
+int l2_tokenizer_vocab_size(const L2Tokenizer *t);
+int l2_tokenizer_bos_id(const L2Tokenizer *t);
+int l2_tokenizer_eos_id(const L2Tokenizer *t);
+/* Encodes `len` bytes of text as SentencePiece does. Writes at most max_ids
+ * ids and returns how many the text encodes to (so a caller whose buffer was
+ * too small can retry with a bigger one), or -1 with err set. */
+int l2_encode(const L2Tokenizer *t, const char *text, size_t len, int bos, int eos,
+              int *ids, int max_ids, char *err);
+
+/* Streaming decoder state: bytes of a UTF-8 character still incomplete, and
+ * whether any text has been produced yet (SentencePiece drops the leading
+ * space of the first piece). Zero it (or call l2_decoder_init) to start. */
+typedef struct {
+    unsigned char pending[4];
+    int n_pending;
+    int started;
+} L2Decoder;
+
+void l2_decoder_init(L2Decoder *d);
+/* Bytes an `out` buffer of l2_decode_step / l2_decode_finish must hold. */
+size_t l2_decode_bound(const L2Tokenizer *t);
+/* Appends the text of one id as whole UTF-8 characters (a character split
+ * across byte pieces comes out when its last byte arrives; bytes that cannot
+ * form a character come out as U+FFFD, as in SentencePiece). Returns the
+ * number of bytes written to out, or -1 with err set for an invalid id. */
+int l2_decode_step(const L2Tokenizer *t, L2Decoder *d, int id, char *out, char *err);
+/* Flushes what is still pending (as U+FFFD); returns bytes written. */
+int l2_decode_finish(const L2Tokenizer *t, L2Decoder *d, char *out);
+/* Whole-sequence decode, equal to SentencePiece's decode(ids). Writes at most
+ * cap bytes (no terminator) and returns the full length in bytes, or -1 with
+ * err set. */
+long l2_decode(const L2Tokenizer *t, const int *ids, int n_ids, char *out, size_t cap, char *err);
+
+/* ---- sampler.c: argmax / temperature / top-p, seeded ---- */
+
+typedef struct L2Sampler L2Sampler;
+
+/* temperature 0 means greedy (argmax); topp outside (0, 1) means no top-p. */
+L2Sampler *l2_sampler_new(int vocab_size, float temperature, float topp,
+                          unsigned long long seed);
+void l2_sampler_free(L2Sampler *s);
+/* Picks the next token; may overwrite logits. */
+int l2_sample(L2Sampler *s, float *logits);
+
+/* ---- generate.c: the generation loop shared by run.c and the binding ---- */
+
+/* Called for every generated token; return nonzero to stop early. */
+typedef int (*l2_token_fn)(void *ctx, int token);
+
+/* Feeds prompt_ids (n_prompt >= 1, normally starting with BOS), then samples,
+ * as llama2.c does: `steps` positions in all (0, or more than seq_len, means
+ * seq_len), stopping early when it samples stop_a or stop_b (BOS and EOS; -1
+ * for none). Generated ids (not the prompt, not the stop token) go to out (at
+ * most max_out) and to on_token if not NULL. Returns how many were generated,
+ * or -1 with err set. */
+int l2_generate(L2Model *m, L2Sampler *s, const int *prompt_ids, int n_prompt,
+                int steps, int stop_a, int stop_b, int *out, int max_out,
+                l2_token_fn on_token, void *ctx, char *err);
+
+#endif

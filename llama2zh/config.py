@@ -1,0 +1,105 @@
+"""Run configuration: a flat dataclass, loaded from TOML, overridden by `--key=value`.
+
+Every field is typed; an override is parsed to the field's type, and an unknown key or a
+value of the wrong type is a usage error that lists what is valid.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+from llama2zh.model import ModelArgs, llama_hidden_dim
+
+
+class ConfigError(Exception):
+    """A bad config file or override: a usage error (exit status 2)."""
+
+
+@dataclass
+class Config:
+    # model shape
+    dim: int = 288
+    n_layers: int = 6
+    n_heads: int = 6
+    n_kv_heads: int = 0  # 0: as many as n_heads (plain multi-head attention)
+    hidden_dim: int = 0  # 0: llama2.c's rule, 2/3 of 4*dim rounded up to multiple_of
+    multiple_of: int = 32
+    max_seq_len: int = 256
+    shared_classifier: bool = True
+    norm_eps: float = 1e-5
+    # reproducibility
+    seed: int = 1337
+
+    def model_args(self, vocab_size: int) -> ModelArgs:
+        try:
+            return ModelArgs(
+                dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,
+                n_kv_heads=self.n_kv_heads or self.n_heads, vocab_size=vocab_size,
+                hidden_dim=self.hidden_dim or llama_hidden_dim(self.dim, self.multiple_of),
+                max_seq_len=self.max_seq_len, shared_classifier=self.shared_classifier,
+                norm_eps=self.norm_eps,
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+    def to_toml(self) -> str:
+        lines = []
+        for key, value in asdict(self).items():
+            if isinstance(value, bool):
+                lines.append(f"{key} = {'true' if value else 'false'}")
+            elif isinstance(value, str):
+                lines.append(f'{key} = "{value}"')
+            else:
+                lines.append(f"{key} = {value!r}")
+        return "\n".join(lines) + "\n"
+
+
+FIELD_TYPES = {f.name: f.type for f in fields(Config)}
+
+
+def _typed(key: str, value, from_text: bool):
+    """value checked against the type of field key; command-line text is parsed to it first."""
+    if key not in FIELD_TYPES:
+        raise ConfigError(f"unknown config key '{key}'; valid keys: {', '.join(FIELD_TYPES)}")
+    kind = FIELD_TYPES[key]
+    if from_text and kind != "str":
+        text = value.strip().lower()
+        if kind == "bool":
+            if text not in ("true", "false", "1", "0"):
+                raise ConfigError(f"{key} must be true or false, got '{value}'")
+            return text in ("true", "1")
+        try:
+            return int(text) if kind == "int" else float(text)
+        except ValueError:
+            raise ConfigError(f"{key} must be an {kind}, got '{value}'") from None
+    ok = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}[kind]
+    if not isinstance(value, ok) or (kind != "bool" and isinstance(value, bool)):
+        raise ConfigError(f"{key} must be a {kind}, got {value!r}")
+    return float(value) if kind == "float" else value
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Config from a TOML file (None: defaults) with `key=value` overrides applied."""
+    values, from_text = {}, set()
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+    for item in overrides:
+        key, sep, value = item.removeprefix("--").partition("=")
+        if not sep:
+            raise ConfigError(f"override '{item}' is not of the form --key=value")
+        key = key.replace("-", "_")
+        values[key] = value
+        from_text.add(key)
+    return Config(**{key: _typed(key, value, key in from_text) for key, value in values.items()})

@@ -1,0 +1,160 @@
+"""PyTorch <-> C parity: the same model and tokenizer must give the same numbers and text.
+
+Four checks on a fixed bilingual prompt (Chinese, English, an emoji and a CJK Extension B
+character that no vocab holds, so byte fallback is exercised):
+  logits  C forward vs PyTorch at every prompt position, max |diff| <= 1e-4 * max |logit|
+  tokens  C encode == SentencePiece encode
+  greedy  200 greedy tokens from the C engine (binding) == PyTorch generate()
+  text    what `./run -t 0` prints == SentencePiece's decode of the same ids, byte for byte
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+import torch
+
+from llama2zh.checkpoint import load_checkpoint
+from llama2zh.engine import CModel, CTokenizer, run_binary
+from llama2zh.errors import UserError
+from llama2zh.export import read_header, read_model_bin
+from llama2zh.model import Transformer
+from llama2zh.vocab.export import export_tokenizer
+
+PROMPT = "从前，有一个小女孩叫莉莉。Once upon a time, there was a little girl named Lily. 她喜欢🌸和𠀀。"
+GREEDY_TOKENS = 200
+LOGIT_RTOL = 1e-4
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'PASS' if self.passed else 'FAIL'} {self.name:<7} {self.detail}"
+
+
+@dataclass
+class Subject:
+    """What verify compares: the .bin the C engine runs and the PyTorch model it should equal."""
+    model_bin: Path
+    model: Transformer
+    tokenizer_model: Path
+    tokenizer_bin: Path
+
+
+def first_difference(a, b) -> int:
+    """Index of the first element where sequences a and b differ (or the shorter length)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def subject_from_run(run_dir: Path) -> Subject:
+    for name in ("ckpt.pt", "model.bin", "tokenizer.model"):
+        if not (run_dir / name).exists():
+            hint = f" (run `llama2zh export {run_dir}`)" if name == "model.bin" else ""
+            raise UserError(f"{run_dir}: no {name}{hint}")
+    model, _ = load_checkpoint(run_dir / "ckpt.pt")
+    return Subject(run_dir / "model.bin", model, run_dir / "tokenizer.model", _tokenizer_bin(run_dir))
+
+
+def subject_from_bin(model_bin: Path, tokenizer_dir: Path) -> Subject:
+    if not (tokenizer_dir / "tokenizer.model").exists():
+        raise UserError(f"{tokenizer_dir}: no tokenizer.model")
+    return Subject(model_bin, read_model_bin(model_bin), tokenizer_dir / "tokenizer.model",
+                   _tokenizer_bin(tokenizer_dir))
+
+
+def _tokenizer_bin(directory: Path) -> Path:
+    """tokenizer.bin beside tokenizer.model, written from it when missing."""
+    path = directory / "tokenizer.bin"
+    if not path.exists():
+        export_tokenizer(directory / "tokenizer.model", path)
+    return path
+
+
+def check_logits(subject: Subject, cmodel: CModel, ids: list[int]) -> Check:
+    ids = ids[: subject.model.args.max_seq_len]
+    with torch.inference_mode():
+        expected = subject.model(torch.tensor([ids]))[0].float().numpy()
+    got = np.stack([cmodel.forward(token, pos) for pos, token in enumerate(ids)])
+    diff = float(np.max(np.abs(got - expected)))
+    bound = LOGIT_RTOL * float(np.max(np.abs(expected)))
+    return Check("logits", diff <= bound,
+                 f"max|diff| {diff:.3e} <= {bound:.3e} (1e-4 * max|logit|) over {len(ids)} positions")
+
+
+def check_tokens(ctok: CTokenizer, expected: list[int]) -> Check:
+    got = ctok.encode(PROMPT, bos=True)
+    if got == expected:
+        return Check("tokens", True, f"{len(got)} ids, C == SentencePiece")
+    return Check("tokens", False, f"C gives {len(got)} ids, SentencePiece {len(expected)}; "
+                 f"first difference at {first_difference(got, expected)}")
+
+
+def greedy_steps(subject: Subject, n_prompt: int) -> int:
+    """The `-n` that makes the C engine generate GREEDY_TOKENS after the prompt (as far as seq_len allows)."""
+    return min(n_prompt - 1 + GREEDY_TOKENS, subject.model.args.max_seq_len)
+
+
+def check_greedy(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: list[int]) -> tuple[Check, list[int]]:
+    got = cmodel.generate(ctok, PROMPT, greedy_steps(subject, len(ids)), temperature=0.0)
+    expected = subject.model.generate(ids, GREEDY_TOKENS, temperature=0.0, stop_ids=(ctok.bos_id, ctok.eos_id))
+    if got == expected:
+        return Check("greedy", True, f"{len(got)} tokens identical"), got
+    return Check("greedy", False, f"C {len(got)} tokens, PyTorch {len(expected)}; "
+                 f"first difference at {first_difference(got, expected)}"), got
+
+
+def check_text(subject: Subject, sp: spm.SentencePieceProcessor, ids: list[int], generated: list[int]) -> Check:
+    command = [str(run_binary()), str(subject.model_bin), "-k", str(subject.tokenizer_bin), "-t", "0",
+               "-n", str(greedy_steps(subject, len(ids))), "-i", PROMPT]
+    result = subprocess.run(command, check=False, capture_output=True, timeout=600)
+    if result.returncode != 0:
+        message = result.stderr.decode("utf-8", "replace").strip()
+        return Check("text", False, f"./run exited {result.returncode}: {message}")
+    expected = sp.decode(ids + generated).encode("utf-8") + b"\n"
+    if result.stdout == expected:
+        return Check("text", True, f"{len(expected)} bytes of ./run output == SentencePiece decode")
+    return Check("text", False, f"./run printed {len(result.stdout)} bytes, SentencePiece decodes {len(expected)}; "
+                 f"first difference at byte {first_difference(result.stdout, expected)}")
+
+
+def verify(subject: Subject) -> list[Check]:
+    header = read_header(subject.model_bin)
+    sp = spm.SentencePieceProcessor(model_file=str(subject.tokenizer_model))
+    if sp.vocab_size() != header.args.vocab_size:
+        raise UserError(f"{subject.tokenizer_model}: {sp.vocab_size()} pieces, "
+                        f"{subject.model_bin} has vocab_size {header.args.vocab_size}")
+    cmodel = CModel(subject.model_bin)
+    ctok = CTokenizer(subject.tokenizer_bin, vocab_size=header.args.vocab_size)
+    ids = [sp.bos_id()] + sp.encode(PROMPT)
+    if len(ids) >= header.args.max_seq_len:
+        raise UserError(f"verify's prompt takes {len(ids)} positions, more than the model's seq_len "
+                        f"{header.args.max_seq_len} leaves room for")
+    checks = [check_logits(subject, cmodel, ids), check_tokens(ctok, ids)]
+    greedy, generated = check_greedy(subject, cmodel, ctok, ids)
+    checks += [greedy, check_text(subject, sp, ids, generated)]
+    return checks
+
+
+def run_verify(target: Path, tokenizer_dir: Path | None) -> int:
+    """Prints every check as PASS/FAIL; returns the exit status (0 only when all pass)."""
+    if target.is_dir():
+        subject = subject_from_run(target)
+    elif tokenizer_dir is None:
+        raise UserError(f"{target} is a bare model.bin: give --tokenizer DIR (a directory with tokenizer.model)")
+    else:
+        subject = subject_from_bin(target, tokenizer_dir)
+    args = subject.model.args
+    print(f"verify {target}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
+          f"({args.n_kv_heads} kv), vocab {args.vocab_size}, seq_len {args.max_seq_len}")
+    checks = verify(subject)
+    for check in checks:
+        print(check.line())
+    return 0 if all(c.passed for c in checks) else 1
