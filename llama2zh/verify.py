@@ -60,17 +60,17 @@ def subject_from_run(run_dir: Path) -> Subject:
             hint = f" (run `llama2zh export {run_dir}`)" if name == "model.bin" else ""
             raise UserError(f"{run_dir}: no {name}{hint}")
     model, _ = load_checkpoint(run_dir / "ckpt.pt")
-    return Subject(run_dir / "model.bin", model, run_dir / "tokenizer.model", _tokenizer_bin(run_dir))
+    return Subject(run_dir / "model.bin", model, run_dir / "tokenizer.model", tokenizer_bin_for(run_dir))
 
 
 def subject_from_bin(model_bin: Path, tokenizer_dir: Path) -> Subject:
     if not (tokenizer_dir / "tokenizer.model").exists():
         raise UserError(f"{tokenizer_dir}: no tokenizer.model")
     return Subject(model_bin, read_model_bin(model_bin), tokenizer_dir / "tokenizer.model",
-                   _tokenizer_bin(tokenizer_dir))
+                   tokenizer_bin_for(tokenizer_dir))
 
 
-def _tokenizer_bin(directory: Path) -> Path:
+def tokenizer_bin_for(directory: Path) -> Path:
     """tokenizer.bin beside tokenizer.model, written from it when missing."""
     path = directory / "tokenizer.bin"
     if not path.exists():
