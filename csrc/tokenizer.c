@@ -1,0 +1,961 @@
+/* tokenizer.c - tokenizer.bin loading, SentencePiece-exact BPE encode,
+ * UTF-8-safe streaming decode.
+ *
+ * tokenizer.bin (little-endian; llama2zh/vocab/export.py writes it):
+ *   uint32 max_token_length, then per piece: float32 score, uint32 length,
+ *   bytes (SentencePiece's piece with U+2581 written as ' ', byte pieces as
+ *   <0xXX>). Upstream llama2.c stops there. Then an optional trailer running
+ *   exactly to the end of the file: uint32 magic "L2ZT", uint32 version (1),
+ *   uint32 payload length, payload:
+ *     uint32 piece count; int32 unk, bos, eos, pad ids (-1: none);
+ *     uint32 flags (1 add_dummy_prefix, 2 remove_extra_whitespaces,
+ *       4 escape_whitespaces, 8 treat_whitespace_as_suffix, 16 byte_fallback);
+ *     int32 byte_ids[256]; uint8 types[n] (SentencePiece's: 1 normal,
+ *     2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte);
+ *     uint32 length + bytes of the unk surface;
+ *     uint32 rule count, then per rule uint16 key length, uint16 value length,
+ *     key, value: the normalizer (longest key at each position is replaced).
+ *   A trailer is recognised by its magic AND its length field matching the
+ *   bytes left. Without one (upstream files): unk 0, bos 1, eos 2,
+ *   add_dummy_prefix on, byte pieces found by their text <0xXX>, byte
+ *   fallback on when there are any, types inferred.
+ *
+ * Encode follows SentencePiece (normalizer.cc, bpe_model.cc,
+ * sentencepiece_processor.cc): normalize, split into characters and
+ * user-defined symbols, merge the best-scoring adjacent pair (leftmost on
+ * ties) with a heap, resegment merges into unused pieces, then byte fallback
+ * for unknown symbols (or one <unk> per run of them). Input bytes that are not
+ * UTF-8 become U+FFFD, one per byte, as SentencePiece's normalizer does.
+ * Internally the normalized text holds ' ' where SentencePiece holds U+2581,
+ * matching the piece texts in the file. */
+#include "llama2.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+enum { T_NORMAL = 1, T_UNKNOWN = 2, T_CONTROL = 3, T_USER = 4, T_UNUSED = 5, T_BYTE = 6 };
+enum { F_DUMMY_PREFIX = 1, F_REMOVE_EXTRA = 2, F_ESCAPE = 4, F_SUFFIX = 8, F_BYTE_FALLBACK = 16 };
+
+#define TRAILER_MAGIC 0x545A324Cu  /* the bytes "L2ZT" */
+#define MAX_TOKEN_LENGTH 65536u    /* longer pieces mean this is not a tokenizer.bin */
+
+static const unsigned char SPACE_SYMBOL[3] = {0xE2, 0x96, 0x81};    /* U+2581 */
+static const unsigned char REPLACEMENT[3] = {0xEF, 0xBF, 0xBD};     /* U+FFFD */
+static const char DEFAULT_UNK_SURFACE[] = " \xE2\x81\x87 ";         /* " ⁇ " */
+
+/* Open-addressing hash set of byte strings given by index into key/len. */
+typedef struct {
+    const unsigned char *const *key;
+    const int *len;
+    int *slot; /* index + 1; 0 = empty */
+    uint32_t mask;
+} Table;
+
+struct L2Tokenizer {
+    unsigned char *file; /* the whole file: piece texts and rules point into it */
+    int n;
+    const unsigned char **piece;
+    int *piece_len;
+    float *score;
+    unsigned char *type;
+    short *byte_of; /* byte value of a byte piece, -1 for other pieces */
+    int byte_id[256];
+    int unk_id, bos_id, eos_id;
+    unsigned flags;
+    const unsigned char *unk_surface;
+    int unk_surface_len;
+    int has_unused;
+    Table pieces; /* mergeable pieces (normal, user-defined, unused) by text */
+    int max_merge_len;
+    /* user-defined symbols, as found in normalized text (' ') and in raw input (U+2581) */
+    int max_user_len, max_user_raw_len, n_user;
+    unsigned char user_first[256], user_raw_first[256];
+    unsigned char *user_raw_arena;
+    const unsigned char **user_raw;
+    int *user_raw_len;
+    Table user_raw_set;
+    /* normalizer rules */
+    int n_rules, max_rule_len;
+    const unsigned char **rule_key, **rule_val;
+    int *rule_key_len, *rule_val_len;
+    unsigned char rule_first[256];
+    Table rules;
+    size_t decode_bound;
+};
+
+static void set_err(char *err, const char *fmt, ...) {
+    if (!err) return;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err, L2_ERR_SIZE, fmt, ap);
+    va_end(ap);
+}
+
+static uint32_t rd32(const unsigned char *p) {
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* ---- hash table ---- */
+
+static uint32_t hash_bytes(const unsigned char *s, size_t n) {
+    uint32_t h = 2166136261u; /* FNV-1a */
+    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 16777619u;
+    return h;
+}
+
+static int table_init(Table *tb, const unsigned char *const *key, const int *len, int n) {
+    uint32_t size = 16;
+    while (size < 2u * (uint32_t)n) size <<= 1;
+    tb->key = key;
+    tb->len = len;
+    tb->mask = size - 1;
+    tb->slot = calloc(size, sizeof(int));
+    return tb->slot != NULL;
+}
+
+static int table_find(const Table *tb, const unsigned char *s, size_t n) {
+    for (uint32_t h = hash_bytes(s, n) & tb->mask;; h = (h + 1) & tb->mask) {
+        int i = tb->slot[h] - 1;
+        if (i < 0) return -1;
+        if ((size_t)tb->len[i] == n && memcmp(tb->key[i], s, n) == 0) return i;
+    }
+}
+
+/* Adds entry i unless its key is already there (the first id wins). */
+static void table_add(Table *tb, int i) {
+    uint32_t h = hash_bytes(tb->key[i], tb->len[i]) & tb->mask;
+    for (; tb->slot[h]; h = (h + 1) & tb->mask) {
+        int j = tb->slot[h] - 1;
+        if (tb->len[j] == tb->len[i] && memcmp(tb->key[j], tb->key[i], tb->len[i]) == 0) return;
+    }
+    tb->slot[h] = i + 1;
+}
+
+/* ---- UTF-8, as SentencePiece's DecodeUTF8 judges it (well-formed UTF-8) ---- */
+
+static int is_trail(unsigned char c) { return (c & 0xC0) == 0x80; }
+
+/* Bytes in the character a lead byte starts; 0 when it cannot start one. */
+static int utf8_need(unsigned char c) {
+    if (c < 0x80) return 1;
+    if (c >= 0xC2 && c <= 0xDF) return 2;
+    if (c >= 0xE0 && c <= 0xEF) return 3;
+    if (c >= 0xF0 && c <= 0xF4) return 4;
+    return 0;
+}
+
+/* Whether the first k bytes of s can begin a well-formed character (the
+ * second byte's range rules out overlong forms, surrogates, > U+10FFFF). */
+static int utf8_prefix_ok(const unsigned char *s, int k) {
+    if (utf8_need(s[0]) == 0) return 0;
+    if (k >= 2) {
+        unsigned char c = s[0], b = s[1];
+        if (!is_trail(b) || (c == 0xE0 && b < 0xA0) || (c == 0xED && b > 0x9F) ||
+            (c == 0xF0 && b < 0x90) || (c == 0xF4 && b > 0x8F))
+            return 0;
+    }
+    for (int j = 2; j < k; j++)
+        if (!is_trail(s[j])) return 0;
+    return 1;
+}
+
+/* Length of the well-formed character at s (n bytes available), 0 if none. */
+static int utf8_char_len(const unsigned char *s, size_t n) {
+    int need = utf8_need(s[0]);
+    if (need == 0 || (size_t)need > n || !utf8_prefix_ok(s, need)) return 0;
+    return need;
+}
+
+/* ---- loading ---- */
+
+static void free_tokenizer(L2Tokenizer *t) {
+    if (!t) return;
+    free(t->file);
+    free(t->piece);
+    free(t->piece_len);
+    free(t->score);
+    free(t->type);
+    free(t->byte_of);
+    free(t->pieces.slot);
+    free(t->user_raw_arena);
+    free(t->user_raw);
+    free(t->user_raw_len);
+    free(t->user_raw_set.slot);
+    free(t->rule_key);
+    free(t->rule_val);
+    free(t->rule_key_len);
+    free(t->rule_val_len);
+    free(t->rules.slot);
+    free(t);
+}
+
+void l2_tokenizer_close(L2Tokenizer *t) { free_tokenizer(t); }
+
+static unsigned char *read_file(const char *path, size_t *size, const char *name, char *err) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        set_err(err, "%s: cannot open (%s)", name, strerror(errno));
+        return NULL;
+    }
+    unsigned char *data = NULL;
+    size_t n = 0, cap = 0;
+    for (;;) {
+        if (n == cap) {
+            if (cap >= (size_t)1 << 31) {
+                set_err(err, "%s: too large to be a tokenizer.bin", name);
+                break;
+            }
+            cap = cap ? 2 * cap : (size_t)1 << 20;
+            unsigned char *grown = realloc(data, cap);
+            if (!grown) {
+                set_err(err, "%s: out of memory", name);
+                break;
+            }
+            data = grown;
+        }
+        size_t got = fread(data + n, 1, cap - n, f);
+        n += got;
+        if (got == 0) {
+            if (ferror(f)) {
+                set_err(err, "%s: read error (%s)", name, strerror(errno));
+                break;
+            }
+            fclose(f);
+            *size = n;
+            return data;
+        }
+    }
+    fclose(f);
+    free(data);
+    return NULL;
+}
+
+static int at_trailer(const unsigned char *p, size_t left) {
+    return left >= 12 && rd32(p) == TRAILER_MAGIC && rd32(p + 8) == left - 12;
+}
+
+/* Bounds-checked reader over the trailer payload. */
+typedef struct {
+    const unsigned char *p, *end;
+    int short_read;
+} Cursor;
+
+static const unsigned char *take(Cursor *c, size_t n) {
+    if ((size_t)(c->end - c->p) < n) {
+        c->short_read = 1;
+        c->p = c->end;
+        return NULL;
+    }
+    const unsigned char *at = c->p;
+    c->p += n;
+    return at;
+}
+
+static uint32_t take32(Cursor *c) {
+    const unsigned char *p = take(c, 4);
+    return p ? rd32(p) : 0;
+}
+
+static int valid_id(int32_t id, int n, int allow_none) { return (allow_none && id == -1) || (id >= 0 && id < n); }
+
+static int parse_trailer(L2Tokenizer *t, const unsigned char *p, size_t left, const char *name, char *err) {
+    uint32_t version = rd32(p + 4);
+    if (version != 1) {
+        set_err(err, "%s: trailer version %u is not supported (written by a newer llama2zh?)", name, version);
+        return 0;
+    }
+    Cursor c = {p + 12, p + left, 0};
+    uint32_t count = take32(&c);
+    int32_t unk = (int32_t)take32(&c), bos = (int32_t)take32(&c), eos = (int32_t)take32(&c);
+    take32(&c); /* pad id: nothing to do with it here */
+    uint32_t flags = take32(&c);
+    int32_t byte_ids[256];
+    for (int b = 0; b < 256; b++) byte_ids[b] = (int32_t)take32(&c);
+    const unsigned char *types = take(&c, (size_t)t->n);
+    uint32_t surface_len = take32(&c);
+    const unsigned char *surface = take(&c, surface_len);
+    uint32_t n_rules = take32(&c);
+    if (c.short_read) {
+        set_err(err, "%s: trailer is truncated", name);
+        return 0;
+    }
+    if (count != (uint32_t)t->n) {
+        set_err(err, "%s: trailer says %u pieces, the file has %d", name, count, t->n);
+        return 0;
+    }
+    if (!valid_id(unk, t->n, 0) || !valid_id(bos, t->n, 1) || !valid_id(eos, t->n, 1) || (flags & ~31u)) {
+        set_err(err, "%s: trailer has invalid ids or flags", name);
+        return 0;
+    }
+    if (!(flags & F_ESCAPE)) { /* pieces write U+2581 as ' ', so spaces must be escaped */
+        set_err(err, "%s: escape_whitespaces off is not supported", name);
+        return 0;
+    }
+    for (int i = 0; i < t->n; i++) {
+        if (types[i] < T_NORMAL || types[i] > T_BYTE) {
+            set_err(err, "%s: piece %d has invalid type %d", name, i, types[i]);
+            return 0;
+        }
+        t->type[i] = types[i];
+    }
+    for (int b = 0; b < 256; b++) {
+        int32_t id = byte_ids[b];
+        if (!valid_id(id, t->n, 1) || (id >= 0 && (t->type[id] != T_BYTE || t->byte_of[id] >= 0))) {
+            set_err(err, "%s: trailer's byte piece for 0x%02X is invalid", name, b);
+            return 0;
+        }
+        t->byte_id[b] = id;
+        if (id >= 0) t->byte_of[id] = (short)b;
+    }
+    for (int i = 0; i < t->n; i++) {
+        if (t->type[i] == T_BYTE && t->byte_of[i] < 0) {
+            set_err(err, "%s: piece %d is a byte piece missing from the byte table", name, i);
+            return 0;
+        }
+    }
+    if (t->type[unk] != T_UNKNOWN) {
+        set_err(err, "%s: unk id %d is not the unknown piece", name, unk);
+        return 0;
+    }
+    if (n_rules > (size_t)(c.end - c.p) / 5) { /* each rule takes at least 5 bytes */
+        set_err(err, "%s: trailer is truncated", name);
+        return 0;
+    }
+    t->unk_id = unk;
+    t->bos_id = bos;
+    t->eos_id = eos;
+    t->flags = flags;
+    t->unk_surface = surface;
+    t->unk_surface_len = (int)surface_len;
+    t->n_rules = (int)n_rules;
+    t->rule_key = malloc((n_rules + 1) * sizeof *t->rule_key);
+    t->rule_val = malloc((n_rules + 1) * sizeof *t->rule_val);
+    t->rule_key_len = malloc((n_rules + 1) * sizeof(int));
+    t->rule_val_len = malloc((n_rules + 1) * sizeof(int));
+    if (!t->rule_key || !t->rule_val || !t->rule_key_len || !t->rule_val_len) {
+        set_err(err, "%s: out of memory", name);
+        return 0;
+    }
+    for (uint32_t r = 0; r < n_rules; r++) {
+        const unsigned char *lens = take(&c, 4);
+        int key_len = lens ? lens[0] | lens[1] << 8 : 0, val_len = lens ? lens[2] | lens[3] << 8 : 0;
+        t->rule_key[r] = take(&c, (size_t)key_len);
+        t->rule_val[r] = take(&c, (size_t)val_len);
+        t->rule_key_len[r] = key_len;
+        t->rule_val_len[r] = val_len;
+        if (c.short_read || key_len == 0) {
+            set_err(err, "%s: normalizer rule %u is malformed", name, r);
+            return 0;
+        }
+        if (key_len > t->max_rule_len) t->max_rule_len = key_len;
+        t->rule_first[t->rule_key[r][0]] = 1;
+    }
+    if (c.p != c.end) {
+        set_err(err, "%s: trailer has %zu unexpected bytes at its end", name, (size_t)(c.end - c.p));
+        return 0;
+    }
+    return 1;
+}
+
+static int hex_digit(unsigned char c) {
+    if (c >= '0' && c <= '9') return c - '0';
+    if (c >= 'A' && c <= 'F') return c - 'A' + 10;
+    return -1;
+}
+
+/* The byte a piece text <0xXX> stands for (upper-case hex, as SentencePiece
+ * writes it), or -1. */
+static int byte_piece_value(const unsigned char *s, int len) {
+    if (len != 6 || memcmp(s, "<0x", 3) != 0 || s[5] != '>') return -1;
+    int hi = hex_digit(s[3]), lo = hex_digit(s[4]);
+    return hi < 0 || lo < 0 ? -1 : hi << 4 | lo;
+}
+
+/* The defaults for an upstream llama2.c file, which has no trailer. */
+static void infer_defaults(L2Tokenizer *t) {
+    t->unk_id = 0;
+    t->bos_id = t->n > 1 ? 1 : -1;
+    t->eos_id = t->n > 2 ? 2 : -1;
+    t->flags = F_DUMMY_PREFIX | F_ESCAPE;
+    t->unk_surface = (const unsigned char *)DEFAULT_UNK_SURFACE;
+    t->unk_surface_len = (int)strlen(DEFAULT_UNK_SURFACE);
+    for (int i = 0; i < t->n; i++) {
+        int b = byte_piece_value(t->piece[i], t->piece_len[i]);
+        t->type[i] = T_NORMAL;
+        if (i == t->unk_id) {
+            t->type[i] = T_UNKNOWN;
+        } else if (i == t->bos_id || i == t->eos_id) {
+            t->type[i] = T_CONTROL;
+        } else if (b >= 0 && t->byte_id[b] < 0) {
+            t->byte_id[b] = i;
+            t->byte_of[i] = (short)b;
+            t->type[i] = T_BYTE;
+            t->flags |= F_BYTE_FALLBACK;
+        }
+    }
+}
+
+/* Lookup structures shared by both kinds of file. */
+static int build_index(L2Tokenizer *t, const char *name, char *err) {
+    size_t raw_bytes = 0, max_len = 0;
+    if (!table_init(&t->pieces, t->piece, t->piece_len, t->n)) goto oom;
+    for (int i = 0; i < t->n; i++) {
+        int ty = t->type[i], len = t->piece_len[i];
+        if ((size_t)len > max_len) max_len = (size_t)len;
+        if (ty != T_NORMAL && ty != T_USER && ty != T_UNUSED) continue;
+        table_add(&t->pieces, i);
+        if (len > t->max_merge_len) t->max_merge_len = len;
+        if (ty == T_UNUSED) t->has_unused = 1;
+        if (ty == T_USER && len > 0) {
+            t->n_user++;
+            raw_bytes += 3 * (size_t)len;
+        }
+    }
+    /* The normalizer matches user-defined symbols in the raw input, where
+     * SentencePiece's U+2581 is itself, not a space. */
+    t->user_raw_arena = malloc(raw_bytes + 1);
+    t->user_raw = malloc(((size_t)t->n_user + 1) * sizeof *t->user_raw);
+    t->user_raw_len = malloc(((size_t)t->n_user + 1) * sizeof(int));
+    if (!t->user_raw_arena || !t->user_raw || !t->user_raw_len) goto oom;
+    unsigned char *w = t->user_raw_arena;
+    for (int i = 0, u = 0; i < t->n; i++) {
+        if (t->type[i] != T_USER || t->piece_len[i] == 0) continue;
+        t->user_raw[u] = w;
+        for (int k = 0; k < t->piece_len[i]; k++) {
+            if (t->piece[i][k] == ' ') {
+                memcpy(w, SPACE_SYMBOL, 3);
+                w += 3;
+            } else {
+                *w++ = t->piece[i][k];
+            }
+        }
+        t->user_raw_len[u] = (int)(w - t->user_raw[u]);
+        if (t->piece_len[i] > t->max_user_len) t->max_user_len = t->piece_len[i];
+        if (t->user_raw_len[u] > t->max_user_raw_len) t->max_user_raw_len = t->user_raw_len[u];
+        t->user_first[t->piece[i][0]] = 1;
+        t->user_raw_first[t->user_raw[u][0]] = 1;
+        u++;
+    }
+    if (!table_init(&t->user_raw_set, t->user_raw, t->user_raw_len, t->n_user)) goto oom;
+    for (int u = 0; u < t->n_user; u++) table_add(&t->user_raw_set, u);
+    if (!table_init(&t->rules, t->rule_key, t->rule_key_len, t->n_rules)) goto oom;
+    for (int r = 0; r < t->n_rules; r++) table_add(&t->rules, r);
+    /* A step writes at most 4 bytes as U+FFFD each, or 3 and then one piece. */
+    if ((size_t)t->unk_surface_len > max_len) max_len = (size_t)t->unk_surface_len;
+    t->decode_bound = 12 + max_len;
+    return 1;
+oom:
+    set_err(err, "%s: out of memory", name);
+    return 0;
+}
+
+L2Tokenizer *l2_tokenizer_open(const char *path, int vocab_size, char *err) {
+    if (!path) {
+        set_err(err, "tokenizer: no path given");
+        return NULL;
+    }
+    /* Long paths would push the message out of the error buffer. */
+    const char *name = path, *slash = strrchr(path, '/');
+    if (strlen(path) > 120 && slash) name = slash + 1;
+
+    size_t size = 0;
+    unsigned char *data = read_file(path, &size, name, err);
+    if (!data) return NULL;
+    L2Tokenizer *t = calloc(1, sizeof *t);
+    if (!t) {
+        free(data);
+        set_err(err, "%s: out of memory", name);
+        return NULL;
+    }
+    t->file = data;
+    if (size < 4) {
+        set_err(err, "%s: too short to be a tokenizer.bin (%zu bytes)", name, size);
+        goto fail;
+    }
+    uint32_t max_token_length = rd32(data);
+    if (max_token_length > MAX_TOKEN_LENGTH) {
+        set_err(err, "%s: max_token_length %u is absurd: not a tokenizer.bin", name, max_token_length);
+        goto fail;
+    }
+    /* First pass: validate the pieces and count them. */
+    size_t pos = 4;
+    int n = 0;
+    while (pos < size && !at_trailer(data + pos, size - pos)) {
+        if (size - pos >= 4 && rd32(data + pos) == TRAILER_MAGIC) { /* no piece score has these bytes */
+            set_err(err, "%s: trailer after piece %d is truncated or damaged", name, n - 1);
+            goto fail;
+        }
+        if (size - pos < 8) {
+            set_err(err, "%s: piece %d runs past the end of the file (truncated?)", name, n);
+            goto fail;
+        }
+        uint32_t len = rd32(data + pos + 4);
+        if (len > max_token_length) {
+            set_err(err, "%s: piece %d is %u bytes, longer than max_token_length %u: not a tokenizer.bin",
+                    name, n, len, max_token_length);
+            goto fail;
+        }
+        if (len > size - pos - 8) {
+            set_err(err, "%s: piece %d runs past the end of the file (truncated?)", name, n);
+            goto fail;
+        }
+        pos += 8 + (size_t)len;
+        n++;
+    }
+    if (n == 0) {
+        set_err(err, "%s: has no pieces", name);
+        goto fail;
+    }
+    if (vocab_size > 0 && n != vocab_size) {
+        set_err(err, "%s: has %d pieces, the model's vocab_size is %d", name, n, vocab_size);
+        goto fail;
+    }
+    t->n = n;
+    t->piece = malloc((size_t)n * sizeof *t->piece);
+    t->piece_len = malloc((size_t)n * sizeof(int));
+    t->score = malloc((size_t)n * sizeof(float));
+    t->type = malloc((size_t)n);
+    t->byte_of = malloc((size_t)n * sizeof(short));
+    if (!t->piece || !t->piece_len || !t->score || !t->type || !t->byte_of) {
+        set_err(err, "%s: out of memory", name);
+        goto fail;
+    }
+    pos = 4;
+    for (int i = 0; i < n; i++) {
+        memcpy(&t->score[i], data + pos, 4); /* little-endian hosts, as llama2.c */
+        t->piece_len[i] = (int)rd32(data + pos + 4);
+        t->piece[i] = data + pos + 8;
+        t->byte_of[i] = -1;
+        pos += 8 + (size_t)t->piece_len[i];
+    }
+    for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
+    if (pos < size) {
+        if (!parse_trailer(t, data + pos, size - pos, name, err)) goto fail;
+    } else {
+        infer_defaults(t);
+    }
+    if (!build_index(t, name, err)) goto fail;
+    return t;
+fail:
+    free_tokenizer(t);
+    return NULL;
+}
+
+int l2_tokenizer_vocab_size(const L2Tokenizer *t) { return t->n; }
+int l2_tokenizer_bos_id(const L2Tokenizer *t) { return t->bos_id; }
+int l2_tokenizer_eos_id(const L2Tokenizer *t) { return t->eos_id; }
+
+/* ---- encode: normalizer ---- */
+
+typedef struct {
+    unsigned char *p;
+    size_t n, cap;
+    int oom;
+} Buf;
+
+static void buf_put(Buf *b, const unsigned char *s, size_t n) {
+    if (b->oom) return;
+    if (b->n + n > b->cap) {
+        size_t cap = b->cap ? b->cap : 64;
+        while (cap < b->n + n) cap *= 2;
+        unsigned char *grown = realloc(b->p, cap);
+        if (!grown) {
+            b->oom = 1;
+            return;
+        }
+        b->p = grown;
+        b->cap = cap;
+    }
+    memcpy(b->p + b->n, s, n);
+    b->n += n;
+}
+
+/* Longest string of the set that prefixes s, or 0. */
+static size_t longest_in(const Table *set, const unsigned char *first, int max_len, const unsigned char *s,
+                         size_t n) {
+    if (max_len == 0 || !first[s[0]]) return 0;
+    for (size_t len = n < (size_t)max_len ? n : (size_t)max_len; len > 0; len--)
+        if (table_find(set, s, len) >= 0) return len;
+    return 0;
+}
+
+/* Longest user-defined piece that prefixes s (normalized text), or 0. */
+static size_t user_match(const L2Tokenizer *t, const unsigned char *s, size_t n) {
+    if (t->max_user_len == 0 || !t->user_first[s[0]]) return 0;
+    for (size_t len = n < (size_t)t->max_user_len ? n : (size_t)t->max_user_len; len > 0; len--) {
+        int id = table_find(&t->pieces, s, len);
+        if (id >= 0 && t->type[id] == T_USER) return len;
+    }
+    return 0;
+}
+
+/* SentencePiece's NormalizePrefix: the normalized text of the input's next
+ * unit (*out, *out_len) and how many input bytes it consumes. */
+static size_t norm_prefix(const L2Tokenizer *t, const unsigned char *s, size_t n, const unsigned char **out,
+                          size_t *out_len) {
+    size_t m = longest_in(&t->user_raw_set, t->user_raw_first, t->max_user_raw_len, s, n);
+    if (m) { /* user-defined symbols pass through unnormalized */
+        *out = s;
+        *out_len = m;
+        return m;
+    }
+    if (t->max_rule_len && t->rule_first[s[0]]) {
+        for (size_t len = n < (size_t)t->max_rule_len ? n : (size_t)t->max_rule_len; len > 0; len--) {
+            int r = table_find(&t->rules, s, len);
+            if (r >= 0) {
+                *out = t->rule_val[r];
+                *out_len = (size_t)t->rule_val_len[r];
+                return len;
+            }
+        }
+    }
+    m = (size_t)utf8_char_len(s, n);
+    if (m == 0) {
+        *out = REPLACEMENT;
+        *out_len = 3;
+        return 1;
+    }
+    *out = s;
+    *out_len = m;
+    return m;
+}
+
+/* Appends normalized text; spaces stay ' ' and U+2581 becomes ' ', the
+ * internal spelling of SentencePiece's escaped space. */
+static void put_escaped(Buf *b, const unsigned char *s, size_t n) {
+    size_t start = 0;
+    for (size_t i = 0; i < n;) {
+        if (n - i >= 3 && memcmp(s + i, SPACE_SYMBOL, 3) == 0) {
+            buf_put(b, s + start, i - start);
+            buf_put(b, (const unsigned char *)" ", 1);
+            i += 3;
+            start = i;
+        } else {
+            i++;
+        }
+    }
+    buf_put(b, s + start, n - start);
+}
+
+/* SentencePiece's Normalizer::Normalize (normalizer.cc). */
+static void normalize(const L2Tokenizer *t, const unsigned char *in, size_t n, Buf *out) {
+    const unsigned char *sp;
+    size_t sp_len, used;
+    int remove_extra = (t->flags & F_REMOVE_EXTRA) != 0;
+    int dummy = (t->flags & F_DUMMY_PREFIX) != 0, suffix = (t->flags & F_SUFFIX) != 0;
+    if (remove_extra) { /* heading spaces */
+        while (n > 0) {
+            used = norm_prefix(t, in, n, &sp, &sp_len);
+            if (sp_len != 1 || sp[0] != ' ') break;
+            in += used;
+            n -= used;
+        }
+    }
+    if (n == 0) return;
+    if (dummy && !suffix) buf_put(out, (const unsigned char *)" ", 1);
+    int prev_space = remove_extra;
+    while (n > 0) {
+        used = norm_prefix(t, in, n, &sp, &sp_len);
+        while (prev_space && sp_len > 0 && sp[0] == ' ') {
+            sp++;
+            sp_len--;
+        }
+        if (sp_len > 0) {
+            put_escaped(out, sp, sp_len);
+            prev_space = sp[sp_len - 1] == ' ';
+        }
+        in += used;
+        n -= used;
+        if (!remove_extra) prev_space = 0;
+    }
+    if (remove_extra)
+        while (out->n > 0 && out->p[out->n - 1] == ' ') out->n--;
+    if (dummy && suffix) buf_put(out, (const unsigned char *)" ", 1);
+}
+
+/* ---- encode: BPE (bpe_model.cc) ---- */
+
+typedef struct {
+    int start, len, prev, next, frozen;
+} Symbol;
+
+typedef struct {
+    float score;
+    int left, right, size;
+} Pair;
+
+typedef struct {
+    const L2Tokenizer *t;
+    const unsigned char *text; /* normalized */
+    Symbol *sym;
+    Pair *heap;
+    size_t n_heap, cap_heap;
+    int *rev_left; /* per unused piece: length of the left part of its last merge */
+    int *ids, max_ids;
+    size_t n_ids;
+    int prev_unk, oom;
+} Encoder;
+
+/* Higher score first, then the leftmost. */
+static int pair_before(const Pair *a, const Pair *b) {
+    return a->score > b->score || (a->score == b->score && a->left < b->left);
+}
+
+static void heap_push(Encoder *e, Pair p) {
+    if (e->n_heap == e->cap_heap) {
+        size_t cap = e->cap_heap ? 2 * e->cap_heap : 256;
+        Pair *grown = realloc(e->heap, cap * sizeof *grown);
+        if (!grown) {
+            e->oom = 1;
+            return;
+        }
+        e->heap = grown;
+        e->cap_heap = cap;
+    }
+    size_t i = e->n_heap++;
+    while (i > 0 && pair_before(&p, &e->heap[(i - 1) / 2])) {
+        e->heap[i] = e->heap[(i - 1) / 2];
+        i = (i - 1) / 2;
+    }
+    e->heap[i] = p;
+}
+
+static Pair heap_pop(Encoder *e) {
+    Pair top = e->heap[0], last = e->heap[--e->n_heap];
+    size_t i = 0, n = e->n_heap;
+    for (;;) {
+        size_t c = 2 * i + 1;
+        if (c >= n) break;
+        if (c + 1 < n && pair_before(&e->heap[c + 1], &e->heap[c])) c++;
+        if (!pair_before(&e->heap[c], &last)) break;
+        e->heap[i] = e->heap[c];
+        i = c;
+    }
+    if (n > 0) e->heap[i] = last;
+    return top;
+}
+
+static void maybe_add_pair(Encoder *e, int left, int right) {
+    const L2Tokenizer *t = e->t;
+    if (left < 0 || right < 0 || e->sym[left].frozen || e->sym[right].frozen) return;
+    int size = e->sym[left].len + e->sym[right].len;
+    if (size > t->max_merge_len) return;
+    int id = table_find(&t->pieces, e->text + e->sym[left].start, (size_t)size);
+    if (id < 0) return;
+    heap_push(e, (Pair){t->score[id], left, right, size});
+    if (t->type[id] == T_UNUSED) e->rev_left[id] = e->sym[left].len;
+}
+
+static void put_id(Encoder *e, int id) {
+    if (e->n_ids < (size_t)e->max_ids) e->ids[e->n_ids] = id;
+    e->n_ids++;
+}
+
+/* Emits the ids of one final symbol: unused pieces split back into the
+ * pieces they were merged from, unknown symbols fall back to bytes. */
+static void emit_symbol(Encoder *e, const unsigned char *w, int len) {
+    const L2Tokenizer *t = e->t;
+    int id = table_find(&t->pieces, w, (size_t)len);
+    if (id >= 0 && t->type[id] == T_UNUSED && e->rev_left[id] > 0) {
+        int left = e->rev_left[id];
+        emit_symbol(e, w, left);
+        emit_symbol(e, w + left, len - left);
+        return;
+    }
+    if (id >= 0) {
+        put_id(e, id);
+        e->prev_unk = 0;
+        return;
+    }
+    if (t->flags & F_BYTE_FALLBACK) {
+        for (int i = 0; i < len; i++) {
+            if (w[i] == ' ') { /* SentencePiece's bytes of U+2581 */
+                for (int k = 0; k < 3; k++)
+                    put_id(e, t->byte_id[SPACE_SYMBOL[k]] >= 0 ? t->byte_id[SPACE_SYMBOL[k]] : t->unk_id);
+            } else {
+                put_id(e, t->byte_id[w[i]] >= 0 ? t->byte_id[w[i]] : t->unk_id);
+            }
+        }
+    } else if (!e->prev_unk) { /* a run of unknown symbols is one <unk> */
+        put_id(e, t->unk_id);
+    }
+    e->prev_unk = 1;
+}
+
+static void bpe(Encoder *e, size_t n) {
+    const L2Tokenizer *t = e->t;
+    int n_sym = 0;
+    for (size_t pos = 0; pos < n; n_sym++) {
+        size_t len = user_match(t, e->text + pos, n - pos);
+        int frozen = len > 0;
+        if (!frozen) { /* one character, by its lead byte as SentencePiece's OneCharLen */
+            static const unsigned char one_char_len[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
+            len = one_char_len[e->text[pos] >> 4];
+            if (len > n - pos) len = n - pos;
+        }
+        e->sym[n_sym] = (Symbol){(int)pos, (int)len, n_sym - 1, -1, frozen};
+        if (n_sym > 0) e->sym[n_sym - 1].next = n_sym;
+        pos += len;
+    }
+    for (int i = 1; i < n_sym; i++) maybe_add_pair(e, i - 1, i);
+    while (e->n_heap > 0 && !e->oom) {
+        Pair top = heap_pop(e);
+        Symbol *l = &e->sym[top.left], *r = &e->sym[top.right];
+        /* Stale: one side was merged into something else since. */
+        if (l->len == 0 || r->len == 0 || l->len + r->len != top.size) continue;
+        l->len += r->len;
+        l->next = r->next;
+        if (r->next >= 0) e->sym[r->next].prev = top.left;
+        r->len = 0;
+        maybe_add_pair(e, l->prev, top.left);
+        maybe_add_pair(e, top.left, l->next);
+    }
+    for (int i = 0; n_sym > 0 && i >= 0; i = e->sym[i].next) emit_symbol(e, e->text + e->sym[i].start, e->sym[i].len);
+}
+
+int l2_encode(const L2Tokenizer *t, const char *text, size_t len, int bos, int eos, int *ids, int max_ids,
+              char *err) {
+    if (!t || (!text && len > 0)) {
+        set_err(err, "encode: no tokenizer or no text");
+        return -1;
+    }
+    Encoder e = {.t = t, .ids = ids, .max_ids = ids && max_ids > 0 ? max_ids : 0};
+    Buf norm = {0};
+    int result = -1;
+    if (bos && t->bos_id >= 0) put_id(&e, t->bos_id);
+    normalize(t, (const unsigned char *)text, len, &norm);
+    if (norm.n >= (size_t)INT32_MAX / 2) {
+        set_err(err, "encode: text too long (%zu bytes)", len);
+        goto done;
+    }
+    e.text = norm.p;
+    e.sym = malloc((norm.n + 1) * sizeof *e.sym);
+    e.rev_left = t->has_unused ? calloc((size_t)t->n, sizeof(int)) : NULL;
+    if (norm.oom || !e.sym || (t->has_unused && !e.rev_left)) {
+        set_err(err, "encode: out of memory");
+        goto done;
+    }
+    bpe(&e, norm.n);
+    if (e.oom) {
+        set_err(err, "encode: out of memory");
+        goto done;
+    }
+    if (eos && t->eos_id >= 0) put_id(&e, t->eos_id);
+    if (e.n_ids > (size_t)INT32_MAX) {
+        set_err(err, "encode: text too long (%zu bytes)", len);
+        goto done;
+    }
+    result = (int)e.n_ids;
+done:
+    free(norm.p);
+    free(e.sym);
+    free(e.heap);
+    free(e.rev_left);
+    return result;
+}
+
+/* ---- decode ---- */
+
+void l2_decoder_init(L2Decoder *d) { memset(d, 0, sizeof *d); }
+
+size_t l2_decode_bound(const L2Tokenizer *t) { return t->decode_bound; }
+
+/* Pending bytes cannot finish a character any more: each becomes U+FFFD. */
+static int flush_pending(L2Decoder *d, char *out) {
+    int w = 0;
+    for (int i = 0; i < d->n_pending; i++, w += 3) memcpy(out + w, REPLACEMENT, 3);
+    d->n_pending = 0;
+    return w;
+}
+
+/* One byte of a run of byte pieces: out gets every character it completes,
+ * and U+FFFD for each byte that cannot start or continue one. */
+static int feed_byte(L2Decoder *d, unsigned char b, char *out) {
+    int w = 0;
+    d->pending[d->n_pending++] = b;
+    while (d->n_pending > 0) {
+        int k = d->n_pending, need = utf8_need(d->pending[0]);
+        int used;
+        if (utf8_prefix_ok(d->pending, k)) {
+            if (k < need) break; /* wait for the rest of the character */
+            memcpy(out + w, d->pending, (size_t)need);
+            w += need;
+            used = need;
+        } else {
+            memcpy(out + w, REPLACEMENT, 3);
+            w += 3;
+            used = 1;
+        }
+        memmove(d->pending, d->pending + used, (size_t)(k - used));
+        d->n_pending = k - used;
+    }
+    return w;
+}
+
+int l2_decode_step(const L2Tokenizer *t, L2Decoder *d, int id, char *out, char *err) {
+    if (id < 0 || id >= t->n) {
+        set_err(err, "decode: token id %d is out of range (vocab_size %d)", id, t->n);
+        return -1;
+    }
+    if (d->n_pending < 0 || d->n_pending > 3) d->n_pending = 0; /* a decoder never initialised */
+    int w;
+    if (t->type[id] == T_BYTE) {
+        w = feed_byte(d, (unsigned char)t->byte_of[id], out);
+        if (w > 0) d->started = 1;
+        return w;
+    }
+    /* Any other piece ends a run of byte pieces. */
+    w = flush_pending(d, out);
+    if (w > 0) d->started = 1;
+    if (t->type[id] == T_CONTROL) return w;
+    if (t->type[id] == T_UNKNOWN) {
+        memcpy(out + w, t->unk_surface, (size_t)t->unk_surface_len);
+        w += t->unk_surface_len;
+    } else {
+        const unsigned char *s = t->piece[id];
+        int len = t->piece_len[id], bos_ws = 0;
+        /* SentencePiece drops the space the dummy prefix put before the first
+         * piece; with remove_extra_whitespaces every leading piece's space. */
+        if (!d->started && (t->flags & (F_DUMMY_PREFIX | F_REMOVE_EXTRA)) && len > 0 && s[0] == ' ') {
+            s++;
+            len--;
+            bos_ws = !(t->flags & F_REMOVE_EXTRA);
+        }
+        memcpy(out + w, s, (size_t)len);
+        w += len;
+        if (bos_ws) d->started = 1;
+    }
+    if (w > 0) d->started = 1;
+    return w;
+}
+
+int l2_decode_finish(const L2Tokenizer *t, L2Decoder *d, char *out) {
+    if (d->n_pending < 0 || d->n_pending > 3) d->n_pending = 0;
+    return flush_pending(d, out);
+}
+
+long l2_decode(const L2Tokenizer *t, const int *ids, int n_ids, char *out, size_t cap, char *err) {
+    char *piece = malloc(t->decode_bound);
+    if (!piece) {
+        set_err(err, "decode: out of memory");
+        return -1;
+    }
+    L2Decoder d;
+    l2_decoder_init(&d);
+    size_t total = 0;
+    for (int i = 0; i <= n_ids; i++) {
+        int w = i < n_ids ? l2_decode_step(t, &d, ids[i], piece, err) : l2_decode_finish(t, &d, piece);
+        if (w < 0) {
+            free(piece);
+            return -1;
+        }
+        if (total < cap) memcpy(out + total, piece, cap - total < (size_t)w ? cap - total : (size_t)w);
+        total += (size_t)w;
+    }
+    free(piece);
+    return (long)total;
+}
