@@ -13,7 +13,7 @@ OMP     := -fopenmp
 # -march=native only where the compiler takes it; `make runportable` never uses it.
 NATIVE  := $(shell $(CC) -march=native -x c -c /dev/null -o /dev/null 2>/dev/null && echo -march=native)
 
-.PHONY: run runportable lib venv test clean
+.PHONY: run runportable lib venv test bench clean
 
 run: csrc/run.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) -o run csrc/run.c $(ENGINE_SRC) -lm
@@ -42,3 +42,6 @@ test: venv run lib
 
 clean:
 	rm -rf build run
+
+bench: venv run
+	$(VPY) -m llama2zh.bench

@@ -9,7 +9,8 @@
  *   uint32 payload length, payload:
  *     uint32 piece count; int32 unk, bos, eos, pad ids (-1: none);
  *     uint32 flags (1 add_dummy_prefix, 2 remove_extra_whitespaces,
- *       4 escape_whitespaces, 8 treat_whitespace_as_suffix, 16 byte_fallback);
+ *       4 escape_whitespaces (required), 8 treat_whitespace_as_suffix,
+ *       16 byte_fallback);
  *     int32 byte_ids[256]; uint8 types[n] (SentencePiece's: 1 normal,
  *     2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte);
  *     uint32 length + bytes of the unk surface;
@@ -558,7 +559,7 @@ typedef struct {
 } Buf;
 
 static void buf_put(Buf *b, const unsigned char *s, size_t n) {
-    if (b->oom) return;
+    if (b->oom || n == 0) return;
     if (b->n + n > b->cap) {
         size_t cap = b->cap ? b->cap : 64;
         while (cap < b->n + n) cap *= 2;

@@ -1,0 +1,1 @@
+"""Tokenizer vocabularies: train, extend, export (tokenizer.bin) and stats."""

@@ -1,0 +1,365 @@
+"""The C tokenizer against SentencePiece: encode and decode parity, streaming decode,
+tokenizer.bin round trips, upstream llama2.c files and bad files."""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import pytest
+import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2 as pb
+
+from llama2zh.engine import CTokenizer, EngineError, ffi, lib
+from llama2zh.errors import UserError
+from llama2zh.vocab.export import export_tokenizer, read_tokenizer_bin, write_tokenizer_bin
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOKENIZERS = ("llama2en", "llama2enzh", "baichuan")
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+
+EDGE_TEXTS = [
+    "", " ", "   ", "\t", "\n", "\n\n\n", " \t \n ", "a  b\t\tc\n\nd   ", "  leading and trailing  ",
+    "Once upon a time, 小明和他的 dog 去公园玩。He said: “你好! Let's go.”",
+    "（全角括号）１２３ＡＢＣ，。！？：；“”‘’【】《》　全角空格",
+    "emoji 😀👍🏽🇨🇳 👨‍👩‍👧 ☕", "CJK Extension B: 𠀀𠮷𪚥", "\u2581", "\u2581\u2581x \u2581 y\u2581",
+    "e\u0301 A\u030a \u1100\u1161\u11a8 ﬁ ㎏ ① ½", "\ufffd \u00a0 \u200b \u2028", "\x00\x01\x1f\x7f",
+    "<s></s><unk><0x41>", "<SEP><br>x</p><reserved_7>", "0123456789 ０１２ 3.14 1,000", "a" * 300,
+]
+
+
+def shared_path(relative: str) -> Path:
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"{path} is absent (../shared is not beside the project)")
+    return path
+
+
+def jsonl(relative: str, key: str) -> list[str]:
+    return [json.loads(line)[key] for line in shared_path(relative).read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory) -> dict[str, tuple[spm.SentencePieceProcessor, Path]]:
+    """Per shared tokenizer: its SentencePiece processor and its exported tokenizer.bin."""
+    out_dir = tmp_path_factory.mktemp("tokenizer_bin")
+    result = {}
+    for name in TOKENIZERS:
+        model = shared_path(f"tokenizers/{name}/tokenizer.model")
+        result[name] = (spm.SentencePieceProcessor(model_file=str(model)),
+                        export_tokenizer(model, out_dir / f"{name}.bin"))
+    return result
+
+
+@pytest.fixture(params=TOKENIZERS)
+def tok(request, exported):
+    sp, path = exported[request.param]
+    return request.param, sp, CTokenizer(path), path
+
+
+@pytest.fixture(scope="session")
+def corpus() -> list[str]:
+    """All zh TinyStories, 40 en ones, 300 zh_literature paragraphs, and edge cases."""
+    rng = random.Random(7)
+    literature = jsonl("data/zh_literature.jsonl", "text")
+    return (jsonl("data/tinystories_zh_sample.jsonl", "story") + jsonl("data/tinystories_en_sample.jsonl", "story")[:40]
+            + rng.sample(literature, 300) + EDGE_TEXTS)
+
+
+def random_text(rng: random.Random) -> str:
+    """Short strings mixing ASCII, CJK, full-width forms, combining marks, jamo, emoji,
+    controls, private use, whitespace runs and U+2581."""
+    ranges = [(0x20, 0x7E)] * 6 + [(0x4E00, 0x9FFF)] * 4 + [
+        (0x3000, 0x303F), (0xFF00, 0xFFEF), (0x0300, 0x036F), (0x1100, 0x11FF), (0xAC00, 0xD7A3),
+        (0x00A0, 0x024F), (0x2000, 0x206F), (0x1F300, 0x1FAFF), (0x20000, 0x2A6DF), (0x00, 0x1F),
+        (0x2580, 0x2582), (0xE000, 0xE0FF), (0xFFF0, 0xFFFD)]
+    specials = [" ", "  ", "\t", "\n", "\u2581", "\u3000", "<br>", "１", "e\u0301"]
+    chars = []
+    for _ in range(rng.randint(0, 40)):
+        if rng.random() < 0.25:
+            chars.append(rng.choice(specials))
+        else:
+            lo, hi = rng.choice(ranges)
+            chars.append(chr(rng.randint(lo, hi)))
+    return "".join(chars)
+
+
+def encode_bytes(ct: CTokenizer, data: bytes) -> list[int]:
+    """l2_encode on raw bytes (CTokenizer.encode takes str, always valid UTF-8)."""
+    err = ffi.new("char[]", lib().L2_ERR_SIZE)
+    capacity = 4 * len(data) + 8
+    ids = ffi.new("int[]", capacity)
+    n = lib().l2_encode(ct._handle, data, len(data), 0, 0, ids, capacity, err)
+    assert 0 <= n <= capacity, ffi.string(err)
+    return list(ids[0:n])
+
+
+def stream_decode(ct: CTokenizer, ids: list[int]) -> list[bytes]:
+    """The chunks l2_decode_step / l2_decode_finish write, one per id plus the flush."""
+    bound = lib().l2_decode_bound(ct._handle)
+    out, err = ffi.new("char[]", bound), ffi.new("char[]", lib().L2_ERR_SIZE)
+    decoder = ffi.new("L2Decoder *")
+    lib().l2_decoder_init(decoder)
+    chunks = []
+    for i in ids:
+        n = lib().l2_decode_step(ct._handle, decoder, i, out, err)
+        assert 0 <= n <= bound, ffi.string(err)
+        chunks.append(ffi.buffer(out, n)[:])
+    chunks.append(ffi.buffer(out, lib().l2_decode_finish(ct._handle, decoder, out))[:])
+    return chunks
+
+
+def id_sampler(sp: spm.SentencePieceProcessor):
+    """A function of an rng giving id sequences: any ids, weighted towards control, unknown
+    and byte pieces and runs of byte pieces (random bytes, or whole and cut-off UTF-8)."""
+    n = sp.get_piece_size()
+    byte_id = {int(sp.id_to_piece(i)[3:5], 16): i for i in range(n) if sp.is_byte(i)}
+    special = [i for i in range(n) if sp.is_control(i) or sp.is_unknown(i)] + [sp.piece_to_id("\u2581")]
+
+    def sample(rng: random.Random) -> list[int]:
+        ids = []
+        for _ in range(rng.randint(0, 12)):
+            r = rng.random()
+            if r < 0.3:
+                ids.append(rng.randrange(n))
+            elif r < 0.5:
+                ids.append(rng.choice(special))
+            elif r < 0.75:
+                ids += [byte_id[rng.randrange(256)] for _ in range(rng.randint(1, 4))]
+            else:
+                data = random_text(rng)[:2].encode("utf-8")
+                ids += [byte_id[b] for b in data[:rng.randint(1, len(data))]] if data else []
+        return ids
+
+    return sample
+
+
+# ---- parity with SentencePiece ----
+
+def test_encode_matches_sentencepiece(tok, corpus):
+    name, sp, ct, _ = tok
+    wrong = [text[:60] for text in corpus if ct.encode(text, bos=False) != sp.encode(text)]
+    assert not wrong, f"{name}: {len(wrong)} texts encode differently, e.g. {wrong[:3]}"
+    text = corpus[0]
+    assert ct.encode(text, bos=True, eos=True) == [sp.bos_id()] + sp.encode(text) + [sp.eos_id()]
+    assert ct.encode("", bos=True) == [sp.bos_id()] and ct.encode("", bos=False) == []
+
+
+def test_encode_random_text_and_invalid_utf8(tok):
+    name, sp, ct, _ = tok
+    rng = random.Random(11)
+    for _ in range(400):
+        text = random_text(rng)
+        assert ct.encode(text, bos=False) == sp.encode(text), (name, text)
+    # Bytes that are not UTF-8: SentencePiece's normalizer makes each one U+FFFD.
+    pieces = [b"\xff", b"\xe4\xbd", b"\xed\xa0\x80", b"\xc0\x80", b"\xf4\x90\x80\x80", b"\xf0\x9f\x98",
+              b"\xef\xbf\xbd", b"\xe2\x96\x81", b"\x80", "你好 a".encode()]
+    for _ in range(300):
+        data = b"".join(rng.choice(pieces) if rng.random() < 0.6 else bytes([rng.randrange(256)])
+                        for _ in range(rng.randint(0, 8)))
+        assert encode_bytes(ct, data) == sp.encode(data), (name, data)
+
+
+def test_long_prompt_is_fast_and_exact(tok, corpus):
+    name, sp, ct, _ = tok
+    text = "  ".join(corpus)[:10_000]
+    assert len(text) == 10_000
+    assert ct.encode(text, bos=False) == sp.encode(text)
+    start = time.perf_counter()
+    ids = ct.encode("a" * 100_000, bos=False)  # quadratic BPE would take minutes
+    assert time.perf_counter() - start < 2.0
+    assert ids == sp.encode("a" * 100_000)
+
+
+def test_decode_matches_sentencepiece(tok):
+    name, sp, ct, _ = tok
+    rng, random_ids = random.Random(1234), id_sampler(sp)
+    for _ in range(1500):
+        ids = random_ids(rng)
+        assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), (name, ids)
+    with pytest.raises(EngineError, match="out of range"):
+        ct.decode([sp.get_piece_size()])
+
+
+def test_streaming_decode_equals_whole_decode(tok):
+    name, sp, ct, _ = tok
+    rng, random_ids = random.Random(99), id_sampler(sp)
+    for _ in range(500):
+        ids = random_ids(rng)
+        chunks = stream_decode(ct, ids)
+        assert b"".join(chunks) == ct.decode_bytes(ids), (name, ids)
+        for chunk in chunks:  # whole characters only: every piece text is UTF-8
+            chunk.decode("utf-8")
+
+
+# ---- tokenizer.bin ----
+
+def test_written_file_reads_back_and_rewrites_identically(tok, tmp_path):
+    name, sp, ct, path = tok
+    data = read_tokenizer_bin(path)
+    assert write_tokenizer_bin(data, tmp_path / "again.bin").read_bytes() == path.read_bytes()
+    n = sp.get_piece_size()
+    assert len(data["pieces"]) == ct.vocab_size == n
+    assert data["pieces"] == [sp.id_to_piece(i).replace("\u2581", " ").encode() for i in range(n)]
+    trailer = data["trailer"]
+    assert (trailer["unk_id"], trailer["bos_id"], trailer["eos_id"]) == (sp.unk_id(), sp.bos_id(), sp.eos_id())
+    assert trailer["byte_ids"] == [sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+    assert [t == BYTE for t in trailer["types"]] == [sp.is_byte(i) for i in range(n)]
+    assert [t == CONTROL for t in trailer["types"]] == [sp.is_control(i) for i in range(n)]
+    rules = dict(trailer["rules"])
+    if name == "baichuan":  # NFKC: full-width forms fold, and decomposed sequences compose
+        assert trailer["byte_ids"][0] != 3
+        assert rules["（".encode()] == b"(" and rules["e\u0301".encode()] == "é".encode()
+    else:
+        assert rules == {}
+
+
+def test_upstream_llama2c_file_without_trailer(tmp_path):
+    path = shared_path("reference/idtok512.bin")
+    ct = CTokenizer(path, 512)
+    assert (ct.vocab_size, ct.bos_id, ct.eos_id) == (512, 1, 2)
+    assert ct.decode([1, 5, 300, 2, 7]) == "[5][300][7]"
+    assert ct.encode("", bos=True) == [1]
+    assert ct.encode("xy", bos=False) == [0]  # no byte pieces: a run of unknowns is one <unk>
+    data = read_tokenizer_bin(path)
+    assert data["trailer"] is None and data["pieces"][511] == b"[511]"
+    assert write_tokenizer_bin(data, tmp_path / "copy.bin").read_bytes() == path.read_bytes()
+
+
+def test_stripped_trailer_falls_back_to_llama_defaults(exported, tmp_path, corpus):
+    sp, path = exported["llama2en"]
+    data = read_tokenizer_bin(path)
+    data["trailer"] = None
+    ct = CTokenizer(write_tokenizer_bin(data, tmp_path / "upstream.bin"), 32000)
+    for text in corpus[:100] + EDGE_TEXTS:
+        assert ct.encode(text, bos=False) == sp.encode(text), text
+    rng, random_ids = random.Random(5), id_sampler(sp)
+    for _ in range(200):
+        ids = random_ids(rng)
+        assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), ids
+
+
+# ---- models with other settings, made from llama2en's ----
+
+def _without_bytes(m):
+    m.trainer_spec.byte_fallback = False
+    kept = [p for p in m.pieces if p.type != BYTE]
+    del m.pieces[:]
+    m.pieces.extend(kept)
+
+
+def _some_unused(m):
+    rng = random.Random(3)
+    for p in m.pieces:
+        if p.type == NORMAL and len(p.piece) > 1 and rng.random() < 0.3:
+            p.type = UNUSED  # merges into them are undone, as SentencePiece resegments
+
+
+VARIANTS = {
+    "remove_extra_whitespaces": lambda m: setattr(m.normalizer_spec, "remove_extra_whitespaces", True),
+    "no_dummy_prefix": lambda m: setattr(m.normalizer_spec, "add_dummy_prefix", False),
+    "whitespace_as_suffix": lambda m: setattr(m.trainer_spec, "treat_whitespace_as_suffix", True),
+    "no_byte_fallback": _without_bytes,
+    "unused_pieces": _some_unused,
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_other_sentencepiece_settings(variant, tmp_path):
+    m = pb.ModelProto()
+    m.ParseFromString(shared_path("tokenizers/llama2en/tokenizer.model").read_bytes())
+    VARIANTS[variant](m)
+    (tmp_path / "v.model").write_bytes(m.SerializeToString())
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "v.model"))
+    ct = CTokenizer(export_tokenizer(tmp_path / "v.model", tmp_path / "v.bin"))
+    rng = random.Random(21)
+    for text in EDGE_TEXTS + [random_text(rng) for _ in range(300)]:
+        assert ct.encode(text, bos=False) == sp.encode(text), text
+    for _ in range(300):
+        ids = [rng.randrange(sp.get_piece_size()) if rng.random() < 0.5 else rng.choice([0, 1, 2, 29871])
+               for _ in range(rng.randint(0, 8))]
+        assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), ids
+
+
+# ---- bad files ----
+
+def tiny_model(path: Path, **changes) -> Path:
+    """A hand-made BPE tokenizer.model: byte pieces last (not at 3..258), a user-defined piece."""
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.trainer_spec.byte_fallback = True
+    m.normalizer_spec.name = "identity"
+    m.pieces.add(piece="<unk>", score=0, type=UNKNOWN)
+    m.pieces.add(piece="<s>", score=0, type=CONTROL)
+    m.pieces.add(piece="</s>", score=0, type=CONTROL)
+    for i, piece in enumerate(["\u2581", "a", "b", "你", "好", "\u2581a", "ab", "\u2581ab", "你好"]):
+        m.pieces.add(piece=piece, score=-i, type=NORMAL)
+    m.pieces.add(piece="<br>", score=0, type=USER_DEFINED)
+    for b in range(256):
+        m.pieces.add(piece=f"<0x{b:02X}>", score=0, type=BYTE)
+    for field, value in changes.items():
+        changes_to = m.trainer_spec if hasattr(m.trainer_spec, field) else m.normalizer_spec
+        setattr(changes_to, field, value)
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+def test_tiny_model_matches_sentencepiece(tmp_path):
+    model = tiny_model(tmp_path / "tiny.model")
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    ct = CTokenizer(export_tokenizer(model, tmp_path / "tiny.bin"))
+    for text in ["ab a 你好 你们", "<br>ab<br>", "zz 😀", "", "  a"]:
+        assert ct.encode(text, bos=False) == sp.encode(text), text
+    rng = random.Random(8)
+    for _ in range(200):
+        ids = [rng.randrange(sp.get_piece_size()) for _ in range(rng.randint(0, 6))]
+        assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), ids
+
+
+@pytest.fixture
+def tiny_bin(tmp_path) -> bytes:
+    return export_tokenizer(tiny_model(tmp_path / "tiny.model"), tmp_path / "tiny.bin").read_bytes()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "cannot open"),
+    ("empty", "too short to be a tokenizer.bin"),
+    ("cut_in_pieces", "piece 9 runs past the end of the file"),
+    ("cut_in_trailer", "trailer after piece 268 is truncated or damaged"),
+    ("vocab_size", "has 269 pieces, the model's vocab_size is 270"),
+    ("text_file", "not a tokenizer.bin"),
+    ("bad_type", "piece 0 has invalid type 9"),
+    ("trailer_count", "trailer says 268 pieces, the file has 269"),
+])
+def test_bad_files_raise_the_c_message(tiny_bin, tmp_path, case, message):
+    trailer_at = tiny_bin.rindex(b"L2ZT")
+    data = {
+        "empty": b"",
+        "cut_in_pieces": tiny_bin[:100],
+        "cut_in_trailer": tiny_bin[:-3],
+        "vocab_size": tiny_bin,
+        "text_file": b"hello, this is not a tokenizer\n",
+        "bad_type": tiny_bin[:trailer_at + 12 + 4 + 20 + 1024] + b"\x09" + tiny_bin[trailer_at + 12 + 4 + 20 + 1025:],
+        "trailer_count": tiny_bin[:trailer_at + 12] + (268).to_bytes(4, "little") + tiny_bin[trailer_at + 16:],
+    }.get(case)
+    path = tmp_path / "tokenizer.bin"
+    if data is not None:
+        path.write_bytes(data)
+    with pytest.raises(EngineError, match=message):
+        CTokenizer(path, 270 if case == "vocab_size" else 0)
+    if case not in ("missing", "vocab_size"):
+        with pytest.raises(UserError):
+            read_tokenizer_bin(path)
+
+
+def test_export_refuses_what_it_cannot_write(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        export_tokenizer(tmp_path / "absent.model", tmp_path / "out.bin")
+    (tmp_path / "junk.model").write_bytes(b"\xff" * 100)
+    with pytest.raises(UserError, match="not a SentencePiece model"):
+        export_tokenizer(tmp_path / "junk.model", tmp_path / "out.bin")
+    with pytest.raises(UserError, match="BPE models only"):
+        export_tokenizer(tiny_model(tmp_path / "uni.model", model_type=pb.TrainerSpec.UNIGRAM), tmp_path / "out.bin")
+    assert not (tmp_path / "out.bin").exists()
