@@ -6,7 +6,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 
 ENGINE_SRC := csrc/model.c csrc/tokenizer.c csrc/sampler.c csrc/generate.c
-ENGINE_HDR := csrc/llama2.h
+ENGINE_HDR := csrc/llama2.h csrc/common.h
 CFLAGS  ?= -O3
 WARN    := -std=gnu11 -Wall -Wextra -Wno-unused-parameter
 OMP     := -fopenmp

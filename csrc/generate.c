@@ -1,18 +1,17 @@
 /* generate.c - the generation loop shared by run.c and the Python binding:
  * llama2.c's, with the stop tokens and the output as parameters. */
 #include "llama2.h"
-
-#include <stdio.h>
+#include "common.h"
 
 int l2_generate(L2Model *m, L2Sampler *s, const int *prompt_ids, int n_prompt,
                 int steps, int stop_a, int stop_b, int *out, int max_out,
                 l2_token_fn on_token, void *ctx, char *err) {
     if (!prompt_ids || n_prompt < 1) {
-        if (err) snprintf(err, L2_ERR_SIZE, "generate needs at least one prompt token");
+        set_err(err, "generate needs at least one prompt token");
         return -1;
     }
     if (steps < 0) {
-        if (err) snprintf(err, L2_ERR_SIZE, "steps must be >= 0, got %d", steps);
+        set_err(err, "steps must be >= 0, got %d", steps);
         return -1;
     }
     int seq_len = l2_model_config(m)->seq_len;

@@ -6,6 +6,7 @@
  * cores; everything else is small.
  */
 #include "llama2.h"
+#include "common.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -58,17 +59,6 @@ struct L2Model {
     void *map;
     size_t map_size;
 };
-
-static void set_err(char *err, const char *fmt, ...) {
-    if (!err) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, L2_ERR_SIZE, fmt, ap);
-    va_end(ap);
-    /* one line, whatever a file name contains */
-    for (char *p = err; *p; p++)
-        if (*p == '\n' || *p == '\r') *p = ' ';
-}
 
 static int32_t read_i32(const unsigned char *p) {
     int32_t v;
@@ -294,18 +284,6 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
     for (int j = 0; j < size; j++) ss += x[j] * x[j];
     ss = 1.0f / sqrtf(ss / size + 1e-5f);
     for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
-}
-
-static void softmax(float *x, int size) {
-    float max_val = x[0];
-    for (int i = 1; i < size; i++)
-        if (x[i] > max_val) max_val = x[i];
-    float sum = 0.0f;
-    for (int i = 0; i < size; i++) {
-        x[i] = expf(x[i] - max_val);
-        sum += x[i];
-    }
-    for (int i = 0; i < size; i++) x[i] /= sum;
 }
 
 /* One row of W times x; the simd reduction lets the compiler reorder the sum

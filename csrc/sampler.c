@@ -2,6 +2,7 @@
  * softmax(logits / temperature), optionally restricted to the top-p nucleus.
  * The algorithm and the RNG are llama2.c's, so a seed gives the same draws. */
 #include "llama2.h"
+#include "common.h"
 
 #include <math.h>
 #include <stdlib.h>
@@ -61,18 +62,6 @@ static int sample_argmax(const float *p, int n) {
     for (int i = 1; i < n; i++)
         if (p[i] > p[best]) best = i;
     return best;
-}
-
-static void softmax(float *x, int size) {
-    float max_val = x[0];
-    for (int i = 1; i < size; i++)
-        if (x[i] > max_val) max_val = x[i];
-    float sum = 0.0f;
-    for (int i = 0; i < size; i++) {
-        x[i] = expf(x[i] - max_val);
-        sum += x[i];
-    }
-    for (int i = 0; i < size; i++) x[i] /= sum;
 }
 
 /* index of the first bucket of the cumulative distribution past coin */

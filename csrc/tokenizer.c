@@ -30,6 +30,7 @@
  * Internally the normalized text holds ' ' where SentencePiece holds U+2581,
  * matching the piece texts in the file. */
 #include "llama2.h"
+#include "common.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -87,14 +88,6 @@ struct L2Tokenizer {
     Table rules;
     size_t decode_bound;
 };
-
-static void set_err(char *err, const char *fmt, ...) {
-    if (!err) return;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err, L2_ERR_SIZE, fmt, ap);
-    va_end(ap);
-}
 
 static uint32_t rd32(const unsigned char *p) {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;

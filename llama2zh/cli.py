@@ -37,7 +37,7 @@ def cmd_init(args, overrides: list[str]) -> int:
 
     config = load_config(args.config, overrides)
     tokenizer_model = args.tokenizer / "tokenizer.model" if args.tokenizer.is_dir() else args.tokenizer
-    sp = load_sentencepiece(tokenizer_model)
+    sp, _ = load_sentencepiece(tokenizer_model)
     run_dir: Path = args.run_dir
     if (run_dir / "ckpt.pt").exists() and not args.force:
         raise UserError(f"{run_dir} already holds a checkpoint (use --force to overwrite it)")

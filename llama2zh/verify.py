@@ -23,7 +23,7 @@ from llama2zh.engine import CModel, CTokenizer, run_binary
 from llama2zh.errors import UserError
 from llama2zh.export import read_header, read_model_bin
 from llama2zh.model import Transformer
-from llama2zh.vocab.export import export_tokenizer
+from llama2zh.vocab.export import export_tokenizer, load_sentencepiece
 
 PROMPT = "从前，有一个小女孩叫莉莉。Once upon a time, there was a little girl named Lily. 她喜欢🌸和𠀀。"
 GREEDY_TOKENS = 200
@@ -127,7 +127,7 @@ def check_text(subject: Subject, sp: spm.SentencePieceProcessor, ids: list[int],
 
 def verify(subject: Subject) -> list[Check]:
     header = read_header(subject.model_bin)
-    sp = spm.SentencePieceProcessor(model_file=str(subject.tokenizer_model))
+    sp, _ = load_sentencepiece(subject.tokenizer_model)
     if sp.vocab_size() != header.args.vocab_size:
         raise UserError(f"{subject.tokenizer_model}: {sp.vocab_size()} pieces, "
                         f"{subject.model_bin} has vocab_size {header.args.vocab_size}")
@@ -145,6 +145,8 @@ def verify(subject: Subject) -> list[Check]:
 
 def run_verify(target: Path, tokenizer_dir: Path | None) -> int:
     """Prints every check as PASS/FAIL; returns the exit status (0 only when all pass)."""
+    if not target.exists():
+        raise UserError(f"{target}: no such run directory or model.bin")
     if target.is_dir():
         subject = subject_from_run(target)
     elif tokenizer_dir is None:

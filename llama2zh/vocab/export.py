@@ -59,8 +59,9 @@ FLAGS = ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces",
          "treat_whitespace_as_suffix", "byte_fallback")
 
 
-def _load_model(model_path: Path):
+def load_sentencepiece(model_path: str | os.PathLike):
     """(SentencePieceProcessor, ModelProto) of a tokenizer.model, or UserError."""
+    model_path = Path(model_path)
     if not model_path.is_file():
         raise UserError(f"{model_path}: no such file")
     data = model_path.read_bytes()
@@ -87,7 +88,7 @@ def _normalizer_rules(proto) -> list[tuple[bytes, bytes]]:
 def tokenizer_data(model_path: str | os.PathLike) -> dict:
     """What tokenizer.bin holds for a tokenizer.model, in read_tokenizer_bin's form."""
     model_path = Path(model_path)
-    processor, proto = _load_model(model_path)
+    processor, proto = load_sentencepiece(model_path)
     if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
         kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
         raise UserError(f"{model_path}: a {kind} model; the C engine encodes BPE models only")
