@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from llama2zh.engine import ROOT, run_binary
+from llama2zh.engine import run_binary
 from llama2zh.export import write_model_bin
 from llama2zh.model import ModelArgs, Transformer
+from llama2zh.paths import ROOT
 from llama2zh.vocab.export import write_tokenizer_bin
 
 SHAPE_15M = dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, max_seq_len=256)

@@ -92,6 +92,67 @@ def cmd_vocab_export(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_vocab_train(args, overrides: list[str]) -> int:
+    from llama2zh.vocab.train import train_tokenizer
+
+    meta = train_tokenizer(args.input, args.vocab_size, args.out, lang=args.lang, model_type=args.model_type)
+    print(f"wrote {args.out}: tokenizer.model, tokenizer.bin, meta.json ({meta['model_type']}, "
+          f"vocab {meta['vocab_size']:,}, trained on {meta['lines']:,} lines)")
+    return 0
+
+
+def cmd_vocab_extend(args, overrides: list[str]) -> int:
+    from llama2zh.vocab.extend import extend_tokenizer
+
+    r = extend_tokenizer(args.base, args.corpus, args.add, args.out, heldout=args.heldout)
+    where = "held-out text" if r["heldout"] else "the corpus (no --heldout)"
+    print(f"added {r['added']:,} Chinese pieces (asked {r['requested']:,}; {r['dropped_unreachable']} dropped as "
+          f"unreachable, {r['already_in_base']:,} already in the base): vocab {r['base_vocab_size']:,} -> "
+          f"{r['vocab_size']:,}")
+    print(f"tokens per Chinese character on {where}: {r['tokens_per_zh_char']['base']:.3f} -> "
+          f"{r['tokens_per_zh_char']['extended']:.3f}")
+    print(f"wrote {args.out}: tokenizer.model, tokenizer.bin, meta.json")
+    return 0
+
+
+def cmd_vocab_stats(args, overrides: list[str]) -> int:
+    from llama2zh.vocab.stats import stats_table
+
+    print(stats_table(args.models, args.text or []))
+    return 0
+
+
+def cmd_download(args, overrides: list[str]) -> int:
+    from llama2zh.corpus import download
+
+    if args.what == "tokenizer":
+        if not args.name:
+            raise ConfigError("download tokenizer needs a NAME, e.g. llama2enzh")
+        download.download_tokenizer(args.name, args.dest or Path("tokenizers"), args.from_path)
+        return 0
+    if args.name:
+        raise ConfigError(f"download {args.what} takes no NAME (got '{args.name}')")
+    dest = args.dest or Path("data")
+    if args.what == "sample":
+        from llama2zh.corpus.sample import write_sample
+
+        stats = write_sample(dest / "sample")
+        print(f"wrote {dest / 'sample'}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        return 0
+    download.download_dataset(args.what, dest, args.from_path)
+    return 0
+
+
+def cmd_pretokenize(args, overrides: list[str]) -> int:
+    from llama2zh.corpus.pretokenize import pretokenize
+
+    if args.workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    out = pretokenize(args.dataset_dir, args.tokenizer, lang=args.lang, workers=args.workers, force=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="llama2zh", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -116,12 +177,51 @@ def build_parser() -> Parser:
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.model, for a bare model.bin")
     p.set_defaults(func=cmd_verify)
 
+    p = commands.add_parser("download", help="the built-in sample corpus, TinyStories (en, zh) or a tokenizer")
+    p.add_argument("what", choices=("sample", "tinystories", "tinystories-zh", "tokenizer"))
+    p.add_argument("name", nargs="?", help="the tokenizer's name (tokenizers/registry.json)")
+    p.add_argument("--dest", type=Path, help="destination (default data/, tokenizers/ for a tokenizer)")
+    p.add_argument("--from", dest="from_path", type=Path, help="ingest a copy you already have (archive or folder)")
+    p.set_defaults(func=cmd_download)
+
+    p = commands.add_parser("pretokenize", help="story shards -> token shards (uint16/uint32) + manifest.json")
+    p.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR")
+    p.add_argument("--tokenizer", type=Path, required=True, help="directory with tokenizer.model")
+    p.add_argument("--lang", choices=("en", "zh", "enzh"), default="enzh")
+    p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
+    p.add_argument("--force", action="store_true", help="redo shards made with another tokenizer or setting")
+    p.set_defaults(func=cmd_pretokenize)
+
     vocab = commands.add_parser("vocab", help="tokenizer tools").add_subparsers(dest="vocab_command", required=True,
                                                                                  metavar="COMMAND")
     p = vocab.add_parser("export", help="write tokenizer.bin (llama2.c layout + trailer) from tokenizer.model")
     p.add_argument("model", type=Path, metavar="MODEL")
     p.add_argument("--out", type=Path, help="output file (default: MODEL with .bin)")
     p.set_defaults(func=cmd_vocab_export)
+
+    p = vocab.add_parser("train", help="train a SentencePiece tokenizer (byte fallback, CJK coverage)",
+                         description="Train tokenizer.model on .jsonl/.json/.txt documents; writes it with "
+                         "tokenizer.bin and meta.json into --out.")
+    p.add_argument("--input", type=Path, nargs="+", required=True, metavar="PATH")
+    p.add_argument("--vocab-size", type=int, required=True, metavar="N")
+    p.add_argument("--out", type=Path, required=True, metavar="tokenizers/NAME")
+    p.add_argument("--lang", choices=("en", "zh", "enzh"), default="enzh", help="documents to train on")
+    p.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
+    p.set_defaults(func=cmd_vocab_train)
+
+    p = vocab.add_parser("extend", help="append Chinese pieces to a BPE tokenizer, keeping every base id",
+                         description="Train Chinese pieces on --corpus and append up to --add of them to --base.")
+    p.add_argument("--base", type=Path, required=True, metavar="BASE.model")
+    p.add_argument("--corpus", type=Path, nargs="+", required=True, metavar="PATH")
+    p.add_argument("--add", type=int, required=True, metavar="N", help="pieces to add")
+    p.add_argument("--out", type=Path, required=True, metavar="tokenizers/NAME")
+    p.add_argument("--heldout", type=Path, nargs="+", metavar="PATH", help="Chinese text to measure on")
+    p.set_defaults(func=cmd_vocab_extend)
+
+    p = vocab.add_parser("stats", help="compare tokenizers on texts (markdown table)")
+    p.add_argument("models", type=Path, nargs="+", metavar="MODEL", help="tokenizer.model or its directory")
+    p.add_argument("--text", type=Path, nargs="+", metavar="PATH", help="texts to measure on (.jsonl/.json/.txt)")
+    p.set_defaults(func=cmd_vocab_stats)
     return parser
 
 

@@ -17,8 +17,8 @@ import cffi
 import numpy as np
 
 from llama2zh.errors import UserError
+from llama2zh.paths import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
 HEADER = ROOT / "csrc" / "llama2.h"
 
 

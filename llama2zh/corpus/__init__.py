@@ -1,0 +1,1 @@
+"""Corpus stages: the built-in sample, download, translate, pretokenize, and reading shards."""

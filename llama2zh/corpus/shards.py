@@ -1,0 +1,50 @@
+"""Reading story shards: TinyStories' layout (JSON arrays) or JSON lines, one record per story.
+
+A record holds "story" and, in a parallel (translated or built-in) corpus, "story_en" too:
+there "story" is the Chinese text. A document's id is "<shard stem>:<index>" unless the record
+carries its own "id".
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+from llama2zh.errors import UserError
+
+LANGS = ("en", "zh", "enzh")
+
+
+def shard_paths(dataset_dir: Path) -> list[Path]:
+    """The dataset's shards (*.json, *.jsonl) in name order; an error when there are none."""
+    if not dataset_dir.is_dir():
+        raise UserError(f"{dataset_dir}: no such dataset directory")
+    paths = sorted(p for p in dataset_dir.iterdir() if p.suffix in (".json", ".jsonl") and p.is_file()
+                   and p.name != "manifest.json")
+    if not paths:
+        raise UserError(f"{dataset_dir}: no story shards (*.json, *.jsonl)")
+    return paths
+
+
+def read_records(path: Path) -> list[dict]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        records = ([json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl"
+                   else json.loads(text))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a story shard ({e})".splitlines()[0]) from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and "story" in r for r in records):
+        raise UserError(f"{path}: not a story shard (expected a list of {{\"story\": ...}} records)")
+    return records
+
+
+def documents(path: Path, lang: str) -> Iterator[tuple[str, str]]:
+    """(id, text) of every document of one shard in the chosen language(s)."""
+    for index, record in enumerate(read_records(path)):
+        doc_id = str(record.get("id", f"{path.stem}:{index}"))
+        parallel = "story_en" in record
+        if lang in ("en", "enzh") and parallel:
+            yield doc_id + "/en", record["story_en"]
+        if lang in ("zh", "enzh") or not parallel:
+            yield doc_id, record["story"]
