@@ -82,7 +82,8 @@ class _Handler(BaseHTTPRequestHandler):
         start = int(re.match(r"bytes=(\d+)-", range_header).group(1)) if range_header else 0
         body = content[start:]
         if start:
-            self._headers(content, 206, len(body), {"Content-Range": f"bytes {start}-{len(content) - 1}/{len(content)}"})
+            content_range = f"bytes {start}-{len(content) - 1}/{len(content)}"
+            self._headers(content, 206, len(body), {"Content-Range": content_range})
         else:
             self._headers(content, 200, len(body))
         if self.hub.cut_after is not None:
