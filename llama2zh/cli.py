@@ -17,6 +17,7 @@ from llama2zh.config import ConfigError, load_config
 from llama2zh.errors import UserError
 
 EXPORT_VERSIONS = (0, 1)
+TRANSLATE_BACKENDS = ("google", "mymemory")  # corpus.client.BACKENDS; named here to spare deep-translator's import
 
 
 class Parser(argparse.ArgumentParser):
@@ -137,9 +138,45 @@ def cmd_download(args, overrides: list[str]) -> int:
         from llama2zh.corpus.sample import write_sample
 
         stats = write_sample(dest / "sample")
-        print(f"wrote {dest / 'sample'}: " + ", ".join(f"{k} {v}" for k, v in stats.items()))
+        print(f"wrote {dest / 'sample'}: {stats['stories']} parallel stories in {stats['shards']} shards "
+              f"({stats['bytes'] / 1e6:.1f} MB; {stats['words_en']:,} English words, {stats['chars_zh']:,} Chinese "
+              f"characters); distinct sentences: English {stats['distinct_sentence_ratio_en']:.1%}, "
+              f"Chinese {stats['distinct_sentence_ratio_zh']:.1%}")
         return 0
     download.download_dataset(args.what, dest, args.from_path)
+    return 0
+
+
+def shard_part(text: str) -> tuple[int, int]:
+    """--shard i/n: part i (1..n) of n."""
+    try:
+        index, count = map(int, text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not i/n, e.g. 2/4") from None
+    if not 1 <= index <= count:
+        raise argparse.ArgumentTypeError(f"'{text}': i/n needs 1 <= i <= n")
+    return index, count
+
+
+def cmd_translate(args, overrides: list[str]) -> int:
+    from llama2zh.corpus.translate import Options, translate_corpus
+
+    if args.workers < 1 or args.rate < 0 or args.timeout <= 0 or (args.limit is not None and args.limit < 0):
+        raise ConfigError("--workers and --timeout must be positive, --rate and --limit not negative")
+    options = Options(args.backend, args.endpoint, args.workers, args.rate, args.timeout, args.limit, args.shard,
+                      args.retry_rejects)
+    report = translate_corpus(args.src, args.dest, options)
+    print("\n".join(report.lines()))
+    if report.failed:
+        raise UserError(f"{report.failed} stories failed after retries (service errors); rerun to retry them")
+    return 0
+
+
+def cmd_train(args, overrides: list[str]) -> int:
+    from llama2zh.train import train
+
+    run_dir = train(load_config(args.config, overrides), resume=not args.no_resume)
+    print(f"trained {run_dir}: ckpt.pt, model.bin, tokenizer.bin, metrics.jsonl")
     return 0
 
 
@@ -183,6 +220,28 @@ def build_parser() -> Parser:
     p.add_argument("--dest", type=Path, help="destination (default data/, tokenizers/ for a tokenizer)")
     p.add_argument("--from", dest="from_path", type=Path, help="ingest a copy you already have (archive or folder)")
     p.set_defaults(func=cmd_download)
+
+    p = commands.add_parser("translate", help="TinyStories shards, English -> Simplified Chinese (resumable)",
+                            description="Translate story shards through deep-translator; rerun to resume.")
+    p.add_argument("src", type=Path, metavar="SRC", help="a directory of shards (*.json arrays, *.jsonl)")
+    p.add_argument("dest", type=Path, metavar="DEST", help="output shards, plus DEST/translate/ (journal, cache)")
+    p.add_argument("--backend", choices=TRANSLATE_BACKENDS, default="google")
+    p.add_argument("--endpoint", metavar="URL", help="the backend's base URL (a self-hosted service)")
+    p.add_argument("--workers", type=int, default=16, help="concurrent requests (default 16)")
+    p.add_argument("--rate", type=float, default=10.0, help="requests per second, 0 = no limit (default 10)")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    p.add_argument("--limit", type=int, help="only the first N stories")
+    p.add_argument("--shard", type=shard_part, default=(1, 1), metavar="i/n",
+                   help="translate part i of n (stories split by id), for n machines")
+    p.add_argument("--retry-rejects", action="store_true", help="translate stories that failed quality checks again")
+    p.set_defaults(func=cmd_translate)
+
+    p = commands.add_parser("train", help="train a model (resumes out_dir's checkpoint if there is one)",
+                            description="Train with a TOML config; any field can be overridden with --key=value. "
+                            "Under torchrun, each process trains its share of every batch (DDP).")
+    p.add_argument("--config", type=Path, required=True, help="a TOML file in configs/")
+    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
+    p.set_defaults(func=cmd_train, takes_overrides=True)
 
     p = commands.add_parser("pretokenize", help="story shards -> token shards (uint16/uint32) + manifest.json")
     p.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR")

@@ -22,6 +22,9 @@ class ConfigError(Exception):
     """A bad config file or override: a usage error (exit status 2)."""
 
 
+CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
+
+
 @dataclass
 class Config:
     # model shape
@@ -34,8 +37,37 @@ class Config:
     max_seq_len: int = 256
     shared_classifier: bool = True
     norm_eps: float = 1e-5
+    # data: DATASET's story shards pretokenized by TOKENIZER (a directory with tokenizer.model)
+    dataset: str = "data/sample"
+    tokenizer: str = "tokenizers/sample"
+    # training
+    out_dir: str = "out/sample"
+    batch_size: int = 32  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    max_iters: int = 2000
+    learning_rate: float = 5e-4
+    min_lr: float = 5e-5  # where the cosine schedule ends
+    warmup_iters: int = 100
+    weight_decay: float = 0.1  # on 2-D weights only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: no clipping
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 uses a gradient scaler)
+    compile: bool = False  # torch.compile the model
+    device: str = "auto"  # auto | cpu | cuda
+    eval_interval: int = 200
+    eval_iters: int = 20  # val batches per loss estimate
+    log_interval: int = 10
     # reproducibility
     seed: int = 1337
+
+    def __post_init__(self):
+        for key, allowed in CHOICES.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got '{getattr(self, key)}'")
+        for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         try:

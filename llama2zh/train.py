@@ -1,0 +1,302 @@
+"""`llama2zh train`: the training loop, the same on a laptop CPU, one GPU or many (torchrun).
+
+AdamW (weight decay on 2-D weights only), warmup then cosine decay, gradient accumulation
+and clipping, bf16 autocast (fp16 with a gradient scaler where bf16 is missing), optional
+torch.compile, seeded data order. A NaN or infinite loss stops the run with a clear message
+and leaves the last good checkpoint in place. Checkpoints are atomic and hold everything a
+resumed run needs to continue exactly (model, optimizer, scaler, step, data generator);
+Ctrl-C saves one and exits cleanly. Each evaluation appends to metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from llama2zh.checkpoint import load_checkpoint, save_checkpoint
+from llama2zh.config import Config
+from llama2zh.corpus.dataset import TokenShards
+from llama2zh.errors import UserError
+from llama2zh.fileio import atomic_output, sha256_file
+from llama2zh.model import Transformer
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+def learning_rate(step: int, c: Config) -> float:
+    """Linear warmup, then cosine decay from learning_rate to min_lr at max_iters."""
+    if step < c.warmup_iters:
+        return c.learning_rate * (step + 1) / c.warmup_iters
+    progress = min(1.0, (step - c.warmup_iters) / max(1, c.max_iters - c.warmup_iters))
+    return c.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (c.learning_rate - c.min_lr)
+
+
+def make_optimizer(model: Transformer, c: Config, fused: bool) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": c.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=c.learning_rate, betas=(c.beta1, c.beta2), fused=fused or None)
+
+
+class Distributed:
+    """Rank, world size and the process group when launched by torchrun (RANK in the environment)."""
+
+    def __init__(self, device_kind: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.enabled = "RANK" in os.environ and self.world > 1
+        if self.enabled:
+            torch.distributed.init_process_group(backend="nccl" if device_kind == "cuda" else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def close(self):
+        if self.enabled:
+            torch.distributed.destroy_process_group()
+
+
+def pick_device(c: Config, dist: Distributed) -> torch.device:
+    if c.device == "cuda" or (c.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise UserError("device = cuda, but no CUDA device is available")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def autocast_context(c: Config, device: torch.device):
+    if c.dtype == "float32":
+        return nullcontext()
+    dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Trainer:
+    def __init__(self, config: Config, resume: bool):
+        self.c = c = config
+        self.dist = Distributed("cuda" if c.device != "cpu" and torch.cuda.is_available() else "cpu")
+        self.device = pick_device(c, self.dist)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.run_dir = Path(c.out_dir)
+        tokenizer_dir = Path(c.tokenizer)
+        self.data = TokenShards(Path(c.dataset) / tokenizer_dir.name)
+        self.tokenizer_sha256 = sha256_file(tokenizer_dir / "tokenizer.model")
+        if self.data.manifest["tokenizer_sha256"] != self.tokenizer_sha256:
+            raise UserError(f"{c.dataset} was pretokenized with another {tokenizer_dir.name}/tokenizer.model; "
+                            "pretokenize it again (--force)")
+
+        torch.manual_seed(c.seed)
+        self.model = Transformer(c.model_args(self.data.vocab_size))
+        self.model.init_weights(torch.Generator().manual_seed(c.seed))
+        self.model.to(self.device)
+        self.optimizer = make_optimizer(self.model, c, fused=self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.dtype == "float16")
+        self.data_rng = torch.Generator().manual_seed(c.seed)
+        self.step, self.best_val = 0, math.inf
+        if resume and (self.run_dir / "ckpt.pt").exists():
+            self._restore(self.run_dir / "ckpt.pt")
+        self.forward_model = torch.compile(self.model) if c.compile else self.model
+        if self.dist.enabled:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
+                self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def _restore(self, path: Path) -> None:
+        model, state = load_checkpoint(path)
+        if state["tokenizer_sha256"] != self.tokenizer_sha256:
+            raise UserError(f"{path} was trained with another tokenizer; start a new out_dir")
+        self.model.load_state_dict(model.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"]["adamw"])
+        self.scaler.load_state_dict(state["optimizer"]["scaler"])
+        self.data_rng.set_state(state["optimizer"]["data_rng"])
+        self.step = state["step"]
+        self.best_val = state["optimizer"]["best_val"]
+        self._forget_metrics_after(self.step)
+
+    def _forget_metrics_after(self, step: int) -> None:
+        """Drops metrics logged after the checkpoint (a crash between the two): no step twice."""
+        path = self.run_dir / "metrics.jsonl"
+        if self.dist.main and path.exists():
+            kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            with atomic_output(path) as tmp:
+                tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+    def save(self, name: str = "ckpt.pt") -> None:
+        if not self.dist.main:
+            return
+        training_state = {"adamw": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
+                          "data_rng": self.data_rng.get_state(), "best_val": self.best_val}
+        save_checkpoint(self.run_dir / name, self.model, config=asdict(self.c),
+                        tokenizer_sha256=self.tokenizer_sha256, step=self.step, optimizer=training_state)
+
+    def micro_batch(self, split: str, rng: torch.Generator):
+        x, y = self.data.batch(split, self.c.batch_size, self.c.max_seq_len, rng, self.dist.rank, self.dist.world)
+        return x.to(self.device), y.to(self.device)
+
+    def loss(self, x, y, model=None) -> torch.Tensor:
+        with autocast_context(self.c, self.device):
+            logits = (model or self.forward_model)(x)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+
+    @torch.no_grad()
+    def estimate_val_loss(self) -> float:
+        """Mean loss over eval_iters fixed val batches (the same ones at every evaluation)."""
+        self.model.eval()
+        rng = torch.Generator().manual_seed(self.c.seed + 1)
+        losses = [self.loss(*self.micro_batch("val", rng), model=self.model).item() for _ in range(self.c.eval_iters)]
+        self.model.train()
+        return sum(losses) / len(losses)
+
+    def train_step(self) -> float:
+        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+        lr = learning_rate(self.step, self.c)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = 0.0
+        for micro in range(self.c.grad_accum):
+            x, y = self.micro_batch("train", self.data_rng)
+            last = micro == self.c.grad_accum - 1
+            sync = self.forward_model.no_sync() if self.dist.enabled and not last else nullcontext()
+            with sync:
+                loss = self.loss(x, y)
+                self.scaler.scale(loss / self.c.grad_accum).backward()
+            total += loss.item()
+        mean = total / self.c.grad_accum
+        if not math.isfinite(mean):
+            raise NonFiniteLoss(f"loss became {mean} at step {self.step}; stopped, {self.run_dir / 'ckpt.pt'} "
+                                "holds the last good state (try a lower learning_rate, or dtype = bfloat16)")
+        if self.c.grad_clip > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.c.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return mean
+
+    def log(self, record: dict) -> None:
+        if self.dist.main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def run(self) -> None:
+        """Trains to max_iters; on Ctrl-C finishes the step in flight, saves, raises KeyboardInterrupt."""
+        c = self.c
+        tokens_per_step = c.batch_size * c.max_seq_len * c.grad_accum * self.dist.world
+        flops_per_token = 6 * sum(p.numel() for p in self.model.parameters()) + \
+            12 * c.n_layers * c.dim * c.max_seq_len
+        peak = peak_flops(self.device)
+        interrupted = []
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+        bar = tqdm(total=c.max_iters, initial=self.step, unit="step", desc="train", disable=not self.dist.main)
+        started, window_tokens = time.perf_counter(), 0
+        try:
+            while self.step < c.max_iters and not interrupted:
+                loss = self.train_step()
+                window_tokens += tokens_per_step
+                bar.update()
+                if self.step % c.log_interval == 0 or self.step == c.max_iters:
+                    rate = window_tokens / (time.perf_counter() - started)
+                    mfu = rate * flops_per_token / peak
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
+                    self.log({"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, c),
+                              "tokens_per_s": rate, "mfu": mfu})
+                    started, window_tokens = time.perf_counter(), 0
+                if self.step % c.eval_interval == 0 or self.step == c.max_iters:
+                    val = self.estimate_val_loss()
+                    self.log({"step": self.step, "val_loss": val})
+                    bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {val:.4f}")
+                    if val < self.best_val:
+                        self.best_val = val
+                        self.save("best.pt")
+                    self.save()
+        finally:
+            bar.close()
+            signal.signal(signal.SIGINT, previous)
+        self.save()
+        if interrupted:
+            raise KeyboardInterrupt
+
+
+def peak_flops(device: torch.device) -> float:
+    """FLOP/s of a large fp32 matmul on this device, measured: the yardstick for the MFU estimate."""
+    n = 1024
+    a = torch.randn(n, n, device=device)
+    (a @ a).sum().item()  # warm up
+    start = time.perf_counter()
+    for _ in range(4):
+        b = a @ a
+    b.sum().item()
+    return 4 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def finish_run(run_dir: Path, tokenizer_dir: Path) -> None:
+    """What a finished run directory holds beside ckpt.pt: the tokenizer, model.bin, loss.png."""
+    from llama2zh.export import write_model_bin
+    from llama2zh.vocab.export import export_tokenizer
+
+    for name in ("tokenizer.model",):
+        with atomic_output(run_dir / name) as tmp:
+            shutil.copyfile(tokenizer_dir / name, tmp)
+    export_tokenizer(run_dir / "tokenizer.model", run_dir / "tokenizer.bin")
+    model, _ = load_checkpoint(run_dir / "ckpt.pt")
+    write_model_bin(model, run_dir / "model.bin", version=1)
+    plot_losses(run_dir)
+
+
+def plot_losses(run_dir: Path) -> None:
+    """loss.png from metrics.jsonl; skipped with a message when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("loss.png skipped: install matplotlib (pip install 'llama2zh[plot]') to draw it")
+        return
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label in ((train, "train"), (val, "val")):
+        if points:
+            ax.plot(*zip(*points, strict=True), label=label)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.legend()
+    with atomic_output(run_dir / "loss.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def train(config: Config, resume: bool = True) -> Path:
+    run_dir = Path(config.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(config, resume)
+    if trainer.dist.main:
+        with atomic_output(run_dir / "config.toml") as tmp:
+            tmp.write_text(config.to_toml(), encoding="utf-8")
+    try:
+        trainer.run()
+    finally:
+        trainer.dist.close()
+    if trainer.dist.main:
+        finish_run(run_dir, Path(config.tokenizer))
+    return run_dir
