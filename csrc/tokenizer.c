@@ -1,5 +1,5 @@
-/* tokenizer.c - tokenizer.bin loading, SentencePiece-exact BPE encode,
- * UTF-8-safe streaming decode.
+/* tokenizer.c - tokenizer.bin loading, SentencePiece-exact BPE and unigram
+ * encode, UTF-8-safe streaming decode.
  *
  * tokenizer.bin (little-endian; llama2zh/vocab/export.py writes it):
  *   uint32 max_token_length, then per piece: float32 score, uint32 length,
@@ -10,7 +10,7 @@
  *     uint32 piece count; int32 unk, bos, eos, pad ids (-1: none);
  *     uint32 flags (1 add_dummy_prefix, 2 remove_extra_whitespaces,
  *       4 escape_whitespaces (required), 8 treat_whitespace_as_suffix,
- *       16 byte_fallback);
+ *       16 byte_fallback, 32 unigram model (else BPE));
  *     int32 byte_ids[256]; uint8 types[n] (SentencePiece's: 1 normal,
  *     2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte);
  *     uint32 length + bytes of the unk surface;
@@ -21,18 +21,23 @@
  *   add_dummy_prefix on, byte pieces found by their text <0xXX>, byte
  *   fallback on when there are any, types inferred.
  *
- * Encode follows SentencePiece (normalizer.cc, bpe_model.cc,
- * sentencepiece_processor.cc): normalize, split into characters and
- * user-defined symbols, merge the best-scoring adjacent pair (leftmost on
- * ties) with a heap, resegment merges into unused pieces, then byte fallback
- * for unknown symbols (or one <unk> per run of them). Input bytes that are not
- * UTF-8 become U+FFFD, one per byte, as SentencePiece's normalizer does.
+ * Encode follows SentencePiece (normalizer.cc, bpe_model.cc, unigram_model.cc,
+ * sentencepiece_processor.cc): normalize, then
+ *   BPE: split into characters and user-defined symbols, merge the
+ *   best-scoring adjacent pair (leftmost on ties) with a heap, resegment
+ *   merges into unused pieces;
+ *   unigram: Viterbi over every piece that matches at each character
+ *   (EncodeOptimized: the best path ending at each byte position);
+ * then byte fallback for unknown symbols (or one <unk> per run of them).
+ * Input bytes that are not UTF-8 become U+FFFD, one per byte, as
+ * SentencePiece's normalizer does.
  * Internally the normalized text holds ' ' where SentencePiece holds U+2581,
  * matching the piece texts in the file. */
 #include "llama2.h"
 #include "common.h"
 
 #include <errno.h>
+#include <float.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -40,7 +45,8 @@
 #include <string.h>
 
 enum { T_NORMAL = 1, T_UNKNOWN = 2, T_CONTROL = 3, T_USER = 4, T_UNUSED = 5, T_BYTE = 6 };
-enum { F_DUMMY_PREFIX = 1, F_REMOVE_EXTRA = 2, F_ESCAPE = 4, F_SUFFIX = 8, F_BYTE_FALLBACK = 16 };
+enum { F_DUMMY_PREFIX = 1, F_REMOVE_EXTRA = 2, F_ESCAPE = 4, F_SUFFIX = 8, F_BYTE_FALLBACK = 16, F_UNIGRAM = 32 };
+#define ALL_FLAGS 63u
 
 #define TRAILER_MAGIC 0x545A324Cu  /* the bytes "L2ZT" */
 #define MAX_TOKEN_LENGTH 65536u    /* longer pieces mean this is not a tokenizer.bin */
@@ -73,6 +79,7 @@ struct L2Tokenizer {
     int has_unused;
     Table pieces; /* mergeable pieces (normal, user-defined, unused) by text */
     int max_merge_len;
+    float min_score; /* over normal pieces: an unknown character scores 10 less */
     /* user-defined symbols, as found in normalized text (' ') and in raw input (U+2581) */
     int max_user_len, max_user_raw_len, n_user;
     unsigned char user_first[256], user_raw_first[256];
@@ -95,9 +102,13 @@ static uint32_t rd32(const unsigned char *p) {
 
 /* ---- hash table ---- */
 
+/* FNV-1a, one byte at a time so a growing key can be hashed as it grows. */
+#define HASH_INIT 2166136261u
+static uint32_t hash_step(uint32_t h, unsigned char c) { return (h ^ c) * 16777619u; }
+
 static uint32_t hash_bytes(const unsigned char *s, size_t n) {
-    uint32_t h = 2166136261u; /* FNV-1a */
-    for (size_t i = 0; i < n; i++) h = (h ^ s[i]) * 16777619u;
+    uint32_t h = HASH_INIT;
+    for (size_t i = 0; i < n; i++) h = hash_step(h, s[i]);
     return h;
 }
 
@@ -111,12 +122,17 @@ static int table_init(Table *tb, const unsigned char *const *key, const int *len
     return tb->slot != NULL;
 }
 
-static int table_find(const Table *tb, const unsigned char *s, size_t n) {
-    for (uint32_t h = hash_bytes(s, n) & tb->mask;; h = (h + 1) & tb->mask) {
+/* Index of the key s (n bytes, whose hash_bytes is hash), or -1. */
+static int table_find_hashed(const Table *tb, const unsigned char *s, size_t n, uint32_t hash) {
+    for (uint32_t h = hash & tb->mask;; h = (h + 1) & tb->mask) {
         int i = tb->slot[h] - 1;
         if (i < 0) return -1;
         if ((size_t)tb->len[i] == n && memcmp(tb->key[i], s, n) == 0) return i;
     }
+}
+
+static int table_find(const Table *tb, const unsigned char *s, size_t n) {
+    return table_find_hashed(tb, s, n, hash_bytes(s, n));
 }
 
 /* Adds entry i unless its key is already there (the first id wins). */
@@ -281,7 +297,7 @@ static int parse_trailer(L2Tokenizer *t, const unsigned char *p, size_t left, co
         set_err(err, "%s: trailer says %u pieces, the file has %d", name, count, t->n);
         return 0;
     }
-    if (!valid_id(unk, t->n, 0) || !valid_id(bos, t->n, 1) || !valid_id(eos, t->n, 1) || (flags & ~31u)) {
+    if (!valid_id(unk, t->n, 0) || !valid_id(bos, t->n, 1) || !valid_id(eos, t->n, 1) || (flags & ~ALL_FLAGS)) {
         set_err(err, "%s: trailer has invalid ids or flags", name);
         return 0;
     }
@@ -397,9 +413,11 @@ static void infer_defaults(L2Tokenizer *t) {
 static int build_index(L2Tokenizer *t, const char *name, char *err) {
     size_t raw_bytes = 0, max_len = 0;
     if (!table_init(&t->pieces, t->piece, t->piece_len, t->n)) goto oom;
+    t->min_score = FLT_MAX;
     for (int i = 0; i < t->n; i++) {
         int ty = t->type[i], len = t->piece_len[i];
         if ((size_t)len > max_len) max_len = (size_t)len;
+        if (ty == T_NORMAL && t->score[i] < t->min_score) t->min_score = t->score[i];
         if (ty != T_NORMAL && ty != T_USER && ty != T_UNUSED) continue;
         table_add(&t->pieces, i);
         if (len > t->max_merge_len) t->max_merge_len = len;
@@ -671,7 +689,7 @@ static void normalize(const L2Tokenizer *t, const unsigned char *in, size_t n, B
     if (dummy && suffix) buf_put(out, (const unsigned char *)" ", 1);
 }
 
-/* ---- encode: BPE (bpe_model.cc) ---- */
+/* ---- encode: the ids of the pieces found ---- */
 
 typedef struct {
     int start, len, prev, next, frozen;
@@ -682,17 +700,64 @@ typedef struct {
     int left, right, size;
 } Pair;
 
+/* Best path ending at a byte position of the normalized text. */
+typedef struct {
+    float score;
+    int start; /* where its last piece starts; -1 while none found */
+    int id;    /* its last piece; -1 for an unknown character */
+} PathEnd;
+
 typedef struct {
     const L2Tokenizer *t;
     const unsigned char *text; /* normalized */
-    Symbol *sym;
+    Symbol *sym;               /* BPE */
     Pair *heap;
     size_t n_heap, cap_heap;
     int *rev_left; /* per unused piece: length of the left part of its last merge */
+    PathEnd *best; /* unigram */
     int *ids, max_ids;
     size_t n_ids;
     int prev_unk, oom;
 } Encoder;
+
+static void put_id(Encoder *e, int id) {
+    if (e->n_ids < (size_t)e->max_ids) e->ids[e->n_ids] = id;
+    e->n_ids++;
+}
+
+/* Emits piece id for the text w, or, for id -1, the unknown text w: its
+ * bytes as byte pieces, or one <unk> per run of unknowns. */
+static void emit_piece(Encoder *e, int id, const unsigned char *w, int len) {
+    const L2Tokenizer *t = e->t;
+    if (id >= 0) {
+        put_id(e, id);
+        e->prev_unk = 0;
+        return;
+    }
+    if (t->flags & F_BYTE_FALLBACK) {
+        for (int i = 0; i < len; i++) {
+            if (w[i] == ' ') { /* SentencePiece's bytes of U+2581 */
+                for (int k = 0; k < 3; k++)
+                    put_id(e, t->byte_id[SPACE_SYMBOL[k]] >= 0 ? t->byte_id[SPACE_SYMBOL[k]] : t->unk_id);
+            } else {
+                put_id(e, t->byte_id[w[i]] >= 0 ? t->byte_id[w[i]] : t->unk_id);
+            }
+        }
+    } else if (!e->prev_unk) {
+        put_id(e, t->unk_id);
+    }
+    e->prev_unk = 1;
+}
+
+/* Bytes of the character at s as SentencePiece's OneCharLen counts them (by
+ * the lead byte alone; the normalizer has made the text valid UTF-8). */
+static size_t one_char_len(const unsigned char *s, size_t n) {
+    static const unsigned char len_of[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
+    size_t len = len_of[s[0] >> 4];
+    return len < n ? len : n;
+}
+
+/* ---- encode: BPE (bpe_model.cc) ---- */
 
 /* Higher score first, then the leftmost. */
 static int pair_before(const Pair *a, const Pair *b) {
@@ -744,53 +809,38 @@ static void maybe_add_pair(Encoder *e, int left, int right) {
     if (t->type[id] == T_UNUSED) e->rev_left[id] = e->sym[left].len;
 }
 
-static void put_id(Encoder *e, int id) {
-    if (e->n_ids < (size_t)e->max_ids) e->ids[e->n_ids] = id;
-    e->n_ids++;
-}
-
-/* Emits the ids of one final symbol: unused pieces split back into the
- * pieces they were merged from, unknown symbols fall back to bytes. */
-static void emit_symbol(Encoder *e, const unsigned char *w, int len) {
+/* Emits the ids of one final symbol: an unused piece splits back into the
+ * two symbols it was last merged from (down to SentencePiece's depth limit of
+ * 100, past which it stays whole); one never merged is unknown. */
+static void emit_symbol(Encoder *e, const unsigned char *w, int len, int depth) {
     const L2Tokenizer *t = e->t;
     int id = table_find(&t->pieces, w, (size_t)len);
-    if (id >= 0 && t->type[id] == T_UNUSED && e->rev_left[id] > 0) {
+    if (id >= 0 && t->type[id] == T_UNUSED && depth <= 100) {
         int left = e->rev_left[id];
-        emit_symbol(e, w, left);
-        emit_symbol(e, w + left, len - left);
-        return;
-    }
-    if (id >= 0) {
-        put_id(e, id);
-        e->prev_unk = 0;
-        return;
-    }
-    if (t->flags & F_BYTE_FALLBACK) {
-        for (int i = 0; i < len; i++) {
-            if (w[i] == ' ') { /* SentencePiece's bytes of U+2581 */
-                for (int k = 0; k < 3; k++)
-                    put_id(e, t->byte_id[SPACE_SYMBOL[k]] >= 0 ? t->byte_id[SPACE_SYMBOL[k]] : t->unk_id);
-            } else {
-                put_id(e, t->byte_id[w[i]] >= 0 ? t->byte_id[w[i]] : t->unk_id);
-            }
+        if (left == 0) {
+            emit_piece(e, -1, w, len);
+            return;
         }
-    } else if (!e->prev_unk) { /* a run of unknown symbols is one <unk> */
-        put_id(e, t->unk_id);
+        emit_symbol(e, w, left, depth + 1);
+        emit_symbol(e, w + left, len - left, depth + 1);
+        return;
     }
-    e->prev_unk = 1;
+    emit_piece(e, id, w, len);
 }
 
 static void bpe(Encoder *e, size_t n) {
     const L2Tokenizer *t = e->t;
+    e->sym = malloc((n + 1) * sizeof *e->sym);
+    e->rev_left = t->has_unused ? calloc((size_t)t->n, sizeof(int)) : NULL;
+    if (!e->sym || (t->has_unused && !e->rev_left)) {
+        e->oom = 1;
+        return;
+    }
     int n_sym = 0;
     for (size_t pos = 0; pos < n; n_sym++) {
         size_t len = user_match(t, e->text + pos, n - pos);
         int frozen = len > 0;
-        if (!frozen) { /* one character, by its lead byte as SentencePiece's OneCharLen */
-            static const unsigned char one_char_len[16] = {1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 3, 4};
-            len = one_char_len[e->text[pos] >> 4];
-            if (len > n - pos) len = n - pos;
-        }
+        if (!frozen) len = one_char_len(e->text + pos, n - pos);
         e->sym[n_sym] = (Symbol){(int)pos, (int)len, n_sym - 1, -1, frozen};
         if (n_sym > 0) e->sym[n_sym - 1].next = n_sym;
         pos += len;
@@ -808,7 +858,71 @@ static void bpe(Encoder *e, size_t n) {
         maybe_add_pair(e, l->prev, top.left);
         maybe_add_pair(e, top.left, l->next);
     }
-    for (int i = 0; n_sym > 0 && i >= 0; i = e->sym[i].next) emit_symbol(e, e->text + e->sym[i].start, e->sym[i].len);
+    for (int i = 0; n_sym > 0 && i >= 0; i = e->sym[i].next) emit_symbol(e, e->text + e->sym[i].start, e->sym[i].len, 0);
+}
+
+/* ---- encode: unigram (unigram_model.cc, Model::EncodeOptimized) ---- */
+
+/* Offers a path ending here; the first one offered wins ties. */
+static void offer(PathEnd *p, float score, int start, int id) {
+    if (p->start < 0 || score > p->score) *p = (PathEnd){score, start, id};
+}
+
+/* Viterbi in float arithmetic, as SentencePiece 0.2.3 computes it: the same
+ * roundings give the same choice between paths whose scores are close. */
+static void unigram(Encoder *e, size_t n) {
+    const L2Tokenizer *t = e->t;
+    const unsigned char *s = e->text;
+    PathEnd *best = e->best = malloc((n + 1) * sizeof *e->best);
+    if (!best) {
+        e->oom = 1;
+        return;
+    }
+    for (size_t i = 0; i <= n; i++) best[i] = (PathEnd){0.0f, -1, -1};
+    const float unk_score = t->min_score - 10.0f; /* kUnkPenalty */
+    size_t frontier = 0;                           /* the furthest end offered so far */
+    for (size_t pos = 0; pos < n;) {
+        float here = best[pos].score;
+        if (here < -100000.0f || here > 100000.0f) { /* SentencePiece rebases long paths' scores */
+            for (size_t i = pos; i <= frontier; i++)
+                if (i == pos || best[i].start >= 0) best[i].score -= here;
+            here = 0.0f;
+        }
+        size_t char_len = one_char_len(s + pos, n - pos), limit = n - pos;
+        int has_single = 0, spaces = 0;
+        uint32_t h = HASH_INIT;
+        if (limit > (size_t)t->max_merge_len) limit = (size_t)t->max_merge_len;
+        for (size_t len = 1; len <= limit; len++) {
+            h = hash_step(h, s[pos + len - 1]);
+            spaces += s[pos + len - 1] == ' ';
+            if (pos + len < n && is_trail(s[pos + len])) continue; /* pieces end on characters */
+            int id = table_find_hashed(&t->pieces, s + pos, len, h);
+            if (id < 0 || t->type[id] == T_UNUSED) continue;
+            if (pos + len > frontier) frontier = pos + len;
+            /* User-defined symbols score 0.1 per byte after the first (U+2581,
+             * our ' ', counting its 3), enough to be chosen over the pieces
+             * inside them. */
+            float score = t->type[id] == T_USER ? (float)(0.1 * (double)(len + 2 * (size_t)spaces - 1)) : t->score[id];
+            offer(&best[pos + len], score + here, (int)pos, id);
+            if (len == char_len) has_single = 1;
+        }
+        if (!has_single) {
+            if (pos + char_len > frontier) frontier = pos + char_len;
+            offer(&best[pos + char_len], unk_score + here, (int)pos, -1);
+        }
+        pos += char_len;
+    }
+    /* Turn the backward links into forward ones (start := end of the next
+     * piece, -1 after the last), then emit from the front. */
+    int end = (int)n, next = -1;
+    while (end > 0) {
+        int start = best[end].start;
+        best[end].start = next;
+        next = end;
+        end = start;
+    }
+    for (int start = 0, stop = next; stop > 0; start = stop, stop = best[stop].start)
+        emit_piece(e, best[stop].id, s + start, stop - start);
 }
 
 int l2_encode(const L2Tokenizer *t, const char *text, size_t len, int bos, int eos, int *ids, int max_ids,
@@ -827,14 +941,13 @@ int l2_encode(const L2Tokenizer *t, const char *text, size_t len, int bos, int e
         goto done;
     }
     e.text = norm.p;
-    e.sym = malloc((norm.n + 1) * sizeof *e.sym);
-    e.rev_left = t->has_unused ? calloc((size_t)t->n, sizeof(int)) : NULL;
-    if (norm.oom || !e.sym || (t->has_unused && !e.rev_left)) {
-        set_err(err, "encode: out of memory");
-        goto done;
+    if (!norm.oom) {
+        if (t->flags & F_UNIGRAM)
+            unigram(&e, norm.n);
+        else
+            bpe(&e, norm.n);
     }
-    bpe(&e, norm.n);
-    if (e.oom) {
+    if (norm.oom || e.oom) {
         set_err(err, "encode: out of memory");
         goto done;
     }
@@ -849,6 +962,7 @@ done:
     free(e.sym);
     free(e.heap);
     free(e.rev_left);
+    free(e.best);
     return result;
 }
 

@@ -1,8 +1,10 @@
-"""The C tokenizer against SentencePiece: encode and decode parity, streaming decode,
-tokenizer.bin round trips, upstream llama2.c files and bad files."""
+"""The C tokenizer against SentencePiece: encode and decode parity on eight tokenizers
+(the three shared ones, one trained and one extended by llama2zh, three unigram models),
+streaming decode, tokenizer.bin round trips, upstream llama2.c files and bad files."""
 
 from __future__ import annotations
 
+import io
 import json
 import random
 import time
@@ -17,8 +19,12 @@ from llama2zh.errors import UserError
 from llama2zh.vocab.export import export_tokenizer, read_tokenizer_bin, write_tokenizer_bin
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-TOKENIZERS = ("llama2en", "llama2enzh", "baichuan")
+SHARED_TOKENIZERS = ("llama2en", "llama2enzh", "baichuan")
+PROJECT_TOKENIZERS = ("trained", "extended")  # made by llama2zh.vocab.train / .extend
+UNIGRAMS = ("unigram", "unigram_nobf", "unigram_identity")
+TOKENIZERS = SHARED_TOKENIZERS + PROJECT_TOKENIZERS + UNIGRAMS
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
+LITERATURE, EN_STORIES = "data/zh_literature.jsonl", "data/tinystories_en_sample.jsonl"
 
 EDGE_TEXTS = [
     "", " ", "   ", "\t", "\n", "\n\n\n", " \t \n ", "a  b\t\tc\n\nd   ", "  leading and trailing  ",
@@ -27,6 +33,7 @@ EDGE_TEXTS = [
     "emoji 😀👍🏽🇨🇳 👨‍👩‍👧 ☕", "CJK Extension B: 𠀀𠮷𪚥", "\u2581", "\u2581\u2581x \u2581 y\u2581",
     "e\u0301 A\u030a \u1100\u1161\u11a8 ﬁ ㎏ ① ½", "\ufffd \u00a0 \u200b \u2028", "\x00\x01\x1f\x7f",
     "<s></s><unk><0x41>", "<SEP><br>x</p><reserved_7>", "0123456789 ０１２ 3.14 1,000", "a" * 300,
+    "小明说<br>①②  双空格  小明", "1234567890123",
 ]
 
 
@@ -41,21 +48,57 @@ def jsonl(relative: str, key: str) -> list[str]:
     return [json.loads(line)[key] for line in shared_path(relative).read_text(encoding="utf-8").splitlines()]
 
 
-@pytest.fixture(scope="session")
-def exported(tmp_path_factory) -> dict[str, tuple[spm.SentencePieceProcessor, Path]]:
-    """Per shared tokenizer: its SentencePiece processor and its exported tokenizer.bin."""
-    out_dir = tmp_path_factory.mktemp("tokenizer_bin")
-    result = {}
-    for name in TOKENIZERS:
+# ---- the tokenizers under test ----
+
+UNIGRAM_SETTINGS = {
+    "unigram": {"vocab_size": 3000, "byte_fallback": True},  # nmt_nfkc, extra whitespace removed
+    "unigram_nobf": {"vocab_size": 2000, "byte_fallback": False},
+    "unigram_identity": {"vocab_size": 3000, "byte_fallback": True, "normalization_rule_name": "identity",
+                         "remove_extra_whitespaces": False, "split_digits": True,
+                         "user_defined_symbols": ["<br>", "①", "\u2581\u2581", "小明"]},
+}
+
+
+def build(name: str, out: Path) -> tuple[Path, Path]:
+    """(tokenizer.model, tokenizer.bin) of a tokenizer under test, made in out."""
+    if name in SHARED_TOKENIZERS:
         model = shared_path(f"tokenizers/{name}/tokenizer.model")
-        result[name] = (spm.SentencePieceProcessor(model_file=str(model)),
-                        export_tokenizer(model, out_dir / f"{name}.bin"))
-    return result
+        return model, export_tokenizer(model, out / "tokenizer.bin")
+    if name == "trained":  # a small enzh BPE tokenizer, with the tokenizer.bin `vocab train` writes
+        train = pytest.importorskip("llama2zh.vocab.train", reason="llama2zh.vocab.train is not written yet")
+        train.train_tokenizer([shared_path(LITERATURE), shared_path(EN_STORIES)], 4000, out, lang="enzh",
+                              model_type="bpe")
+    elif name == "extended":  # llama2en plus 2,000 Chinese pieces, as `vocab extend` writes it
+        extend = pytest.importorskip("llama2zh.vocab.extend", reason="llama2zh.vocab.extend is not written yet")
+        extend.extend_tokenizer(shared_path("tokenizers/llama2en/tokenizer.model"), [shared_path(LITERATURE)],
+                                2000, out)
+    else:  # SentencePiece's unigram trainer on 300 Chinese paragraphs and 150 English stories
+        lines = jsonl(LITERATURE, "text")[:300] + jsonl(EN_STORIES, "story")[:150]
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, model_type="unigram",
+                                       num_threads=1, minloglevel=2, **UNIGRAM_SETTINGS[name])
+        (out / "tokenizer.model").write_bytes(model.getvalue())
+        export_tokenizer(out / "tokenizer.model", out / "tokenizer.bin")
+    return out / "tokenizer.model", out / "tokenizer.bin"
+
+
+@pytest.fixture(scope="session")
+def built(tmp_path_factory):
+    """name -> (SentencePieceProcessor, tokenizer.bin path), each built on first use."""
+    cache = {}
+
+    def get(name: str) -> tuple[spm.SentencePieceProcessor, Path]:
+        if name not in cache:
+            model, path = build(name, tmp_path_factory.mktemp(name))
+            cache[name] = (spm.SentencePieceProcessor(model_file=str(model)), path)
+        return cache[name]
+
+    return get
 
 
 @pytest.fixture(params=TOKENIZERS)
-def tok(request, exported):
-    sp, path = exported[request.param]
+def tok(request, built):
+    sp, path = built(request.param)
     return request.param, sp, CTokenizer(path), path
 
 
@@ -63,8 +106,8 @@ def tok(request, exported):
 def corpus() -> list[str]:
     """All zh TinyStories, 40 en ones, 300 zh_literature paragraphs, and edge cases."""
     rng = random.Random(7)
-    literature = jsonl("data/zh_literature.jsonl", "text")
-    return (jsonl("data/tinystories_zh_sample.jsonl", "story") + jsonl("data/tinystories_en_sample.jsonl", "story")[:40]
+    literature = jsonl(LITERATURE, "text")
+    return (jsonl("data/tinystories_zh_sample.jsonl", "story") + jsonl(EN_STORIES, "story")[:40]
             + rng.sample(literature, 300) + EDGE_TEXTS)
 
 
@@ -127,11 +170,14 @@ def id_sampler(sp: spm.SentencePieceProcessor):
             elif r < 0.5:
                 ids.append(rng.choice(special))
             elif r < 0.75:
-                ids += [byte_id[rng.randrange(256)] for _ in range(rng.randint(1, 4))]
+                ids += byte_ids(rng.randrange(256) for _ in range(rng.randint(1, 4)))
             else:
                 data = random_text(rng)[:2].encode("utf-8")
-                ids += [byte_id[b] for b in data[:rng.randint(1, len(data))]] if data else []
+                ids += byte_ids(data[:rng.randint(1, len(data))]) if data else []
         return ids
+
+    def byte_ids(values) -> list[int]:  # none for a model without byte pieces
+        return [byte_id[b] for b in values if b in byte_id]
 
     return sample
 
@@ -194,6 +240,101 @@ def test_streaming_decode_equals_whole_decode(tok):
             chunk.decode("utf-8")
 
 
+# ---- unigram: hand-made models where the Viterbi's choices are close ----
+
+ALPHABET = ["a", "b", "c", "\u2581", "你", "好", "😀"]
+
+
+def random_model(rng: random.Random, model_type: int) -> bytes:
+    """A hand-made model over a few characters: random pieces (some user-defined, some unused),
+    scores that often tie and sometimes are positive, random whitespace settings and fallback."""
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = model_type
+    m.trainer_spec.byte_fallback = rng.random() < 0.5
+    m.trainer_spec.treat_whitespace_as_suffix = rng.random() < 0.2
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = rng.random() < 0.7
+    m.normalizer_spec.remove_extra_whitespaces = rng.random() < 0.5
+    for piece, kind in (("<unk>", UNKNOWN), ("<s>", CONTROL), ("</s>", CONTROL)):
+        m.pieces.add(piece=piece, score=0, type=kind)
+    seen = set()
+    for _ in range(rng.randint(1, 40)):
+        piece = "".join(rng.choices(ALPHABET, k=rng.randint(1, 4)))
+        if piece not in seen:
+            seen.add(piece)
+            r = rng.random()
+            score = rng.choice([-0.5, -1.0, -2.0]) if rng.random() < 0.4 else rng.uniform(-12, 3)
+            m.pieces.add(piece=piece, score=score, type=NORMAL if r < 0.8 else USER_DEFINED if r < 0.9 else UNUSED)
+    if m.trainer_spec.byte_fallback:
+        for b in range(256):
+            m.pieces.add(piece=f"<0x{b:02X}>", score=0, type=BYTE)
+    return m.SerializeToString()
+
+
+def alphabet_text(rng: random.Random, length: int) -> str:
+    return "".join(rng.choices(ALPHABET + [" ", "  ", "x"], k=length))
+
+
+def model_pair(tmp_path: Path, model: bytes) -> tuple[spm.SentencePieceProcessor, CTokenizer]:
+    (tmp_path / "m.model").write_bytes(model)
+    return (spm.SentencePieceProcessor(model_proto=model),
+            CTokenizer(export_tokenizer(tmp_path / "m.model", tmp_path / "m.bin")))
+
+
+def small_unigram(*pieces: tuple[str, float, int]) -> bytes:
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.UNIGRAM
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.add_dummy_prefix = False
+    m.pieces.add(piece="<unk>", score=0, type=UNKNOWN)
+    for piece, score, kind in pieces:
+        m.pieces.add(piece=piece, score=score, type=kind)
+    return m.SerializeToString()
+
+
+@pytest.mark.parametrize("text, pieces, expected", [
+    # a tie: the path whose last piece starts first wins
+    ("ab", [("a", -1.0, NORMAL), ("b", -1.0, NORMAL), ("ab", -2.0, NORMAL)], ["ab"]),
+    ("aab", [("a", -1.0, NORMAL), ("b", -1.0, NORMAL), ("aa", -2.0, NORMAL), ("ab", -2.0, NORMAL)], ["a", "ab"]),
+    # float sums: -1 + 1e-9 rounds to -1, a tie; in double "a b" would win
+    ("ab", [("a", -1.0, NORMAL), ("b", 1e-9, NORMAL), ("ab", -1.0, NORMAL)], ["ab"]),
+    # -0.5 + (-0.5 + 2**-24) is above -1 in float, and "c" keeps that path
+    ("abc", [("ab", -1.0, NORMAL), ("a", -0.5, NORMAL), ("b", -0.5 + 2**-24, NORMAL), ("c", -1000.0, NORMAL)],
+     ["a", "b", "c"]),
+    # a user-defined piece scores 0.1 per byte after its first: 你 (3 bytes) 0.2, under 你y's 0.3
+    ("你y", [("你", 0, USER_DEFINED), ("y", 0.0, NORMAL), ("你y", 0.3, NORMAL)], ["你y"]),
+    ("你y", [("你", 0, USER_DEFINED), ("y", 0.0, NORMAL), ("你y", 0.1, NORMAL)], ["你", "y"]),
+    # an unused piece is no node: its character is unknown (min score - 10)
+    ("ab", [("a", -1.0, UNUSED), ("b", -1.0, NORMAL), ("ab", -30.0, NORMAL)], ["ab"]),
+    ("ab", [("a", -1.0, UNUSED), ("b", -1.0, NORMAL)], ["<unk>", "b"]),
+])
+def test_unigram_ties_float_sums_and_piece_kinds(tmp_path, text, pieces, expected):
+    sp, ct = model_pair(tmp_path, small_unigram(*pieces))
+    assert ct.encode(text, bos=False) == sp.encode(text)
+    assert [sp.id_to_piece(i) for i in sp.encode(text)] == expected  # the case tests what it says
+
+
+@pytest.mark.parametrize("model_type", [pb.TrainerSpec.UNIGRAM, pb.TrainerSpec.BPE])
+def test_random_small_models(tmp_path, model_type):
+    rng = random.Random(17)
+    for _ in range(60):
+        sp, ct = model_pair(tmp_path, random_model(rng, model_type))
+        for _ in range(25):
+            text = alphabet_text(rng, rng.randint(0, 12))
+            assert ct.encode(text, bos=False) == sp.encode(text), text
+
+
+@pytest.mark.parametrize("seed", [12, 26])
+def test_unigram_long_paths_rebase_their_scores_as_sentencepiece(tmp_path, seed):
+    """Past a path score of 1e5 SentencePiece subtracts it from the scores ahead, which rounds
+    them differently: with these seeds, C without that rebase differs from SentencePiece."""
+    rng = random.Random(seed)
+    for _ in range(2):
+        sp, ct = model_pair(tmp_path, random_model(rng, pb.TrainerSpec.UNIGRAM))
+        text = alphabet_text(rng, 30_000)
+        assert ct.encode(text, bos=False) == sp.encode(text)
+
+
 # ---- tokenizer.bin ----
 
 def test_written_file_reads_back_and_rewrites_identically(tok, tmp_path):
@@ -205,15 +346,20 @@ def test_written_file_reads_back_and_rewrites_identically(tok, tmp_path):
     assert data["pieces"] == [sp.id_to_piece(i).replace("\u2581", " ").encode() for i in range(n)]
     trailer = data["trailer"]
     assert (trailer["unk_id"], trailer["bos_id"], trailer["eos_id"]) == (sp.unk_id(), sp.bos_id(), sp.eos_id())
-    assert trailer["byte_ids"] == [sp.piece_to_id(f"<0x{b:02X}>") for b in range(256)]
+    byte_pieces = {sp.id_to_piece(i): i for i in range(n) if sp.is_byte(i)}
+    assert trailer["byte_ids"] == [byte_pieces.get(f"<0x{b:02X}>", -1) for b in range(256)]
     assert [t == BYTE for t in trailer["types"]] == [sp.is_byte(i) for i in range(n)]
     assert [t == CONTROL for t in trailer["types"]] == [sp.is_control(i) for i in range(n)]
+    proto = pb.ModelProto.FromString(sp.serialized_model_proto())
+    assert trailer["model_type"] == ("unigram" if name in UNIGRAMS else "bpe")
+    assert trailer["model_type"] == pb.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type).lower()
     rules = dict(trailer["rules"])
-    if name == "baichuan":  # NFKC: full-width forms fold, and decomposed sequences compose
-        assert trailer["byte_ids"][0] != 3
+    if proto.normalizer_spec.precompiled_charsmap:  # NFKC: full-width forms fold, decomposed sequences compose
         assert rules["（".encode()] == b"(" and rules["e\u0301".encode()] == "é".encode()
     else:
         assert rules == {}
+    if name == "baichuan":
+        assert trailer["byte_ids"][0] != 3
 
 
 def test_upstream_llama2c_file_without_trailer(tmp_path):
@@ -228,8 +374,8 @@ def test_upstream_llama2c_file_without_trailer(tmp_path):
     assert write_tokenizer_bin(data, tmp_path / "copy.bin").read_bytes() == path.read_bytes()
 
 
-def test_stripped_trailer_falls_back_to_llama_defaults(exported, tmp_path, corpus):
-    sp, path = exported["llama2en"]
+def test_stripped_trailer_falls_back_to_llama_defaults(built, tmp_path, corpus):
+    sp, path = built("llama2en")
     data = read_tokenizer_bin(path)
     data["trailer"] = None
     ct = CTokenizer(write_tokenizer_bin(data, tmp_path / "upstream.bin"), 32000)
@@ -241,7 +387,7 @@ def test_stripped_trailer_falls_back_to_llama_defaults(exported, tmp_path, corpu
         assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), ids
 
 
-# ---- models with other settings, made from llama2en's ----
+# ---- models with other settings, made from llama2en's and a unigram one ----
 
 def _without_bytes(m):
     m.trainer_spec.byte_fallback = False
@@ -251,10 +397,12 @@ def _without_bytes(m):
 
 
 def _some_unused(m):
+    """BPE undoes merges into an unused piece, and an unused character is unknown; unigram
+    never uses them."""
     rng = random.Random(3)
     for p in m.pieces:
-        if p.type == NORMAL and len(p.piece) > 1 and rng.random() < 0.3:
-            p.type = UNUSED  # merges into them are undone, as SentencePiece resegments
+        if p.type == NORMAL and rng.random() < (0.3 if len(p.piece) > 1 else 0.05):
+            p.type = UNUSED
 
 
 VARIANTS = {
@@ -266,10 +414,10 @@ VARIANTS = {
 }
 
 
+@pytest.mark.parametrize("base", ["llama2en", "unigram"])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_other_sentencepiece_settings(variant, tmp_path):
-    m = pb.ModelProto()
-    m.ParseFromString(shared_path("tokenizers/llama2en/tokenizer.model").read_bytes())
+def test_other_sentencepiece_settings(built, variant, base, tmp_path):
+    m = pb.ModelProto.FromString(built(base)[0].serialized_model_proto())
     VARIANTS[variant](m)
     (tmp_path / "v.model").write_bytes(m.SerializeToString())
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "v.model"))
@@ -277,8 +425,9 @@ def test_other_sentencepiece_settings(variant, tmp_path):
     rng = random.Random(21)
     for text in EDGE_TEXTS + [random_text(rng) for _ in range(300)]:
         assert ct.encode(text, bos=False) == sp.encode(text), text
+    special = [0, 1, 2, sp.piece_to_id("\u2581")]
     for _ in range(300):
-        ids = [rng.randrange(sp.get_piece_size()) if rng.random() < 0.5 else rng.choice([0, 1, 2, 29871])
+        ids = [rng.randrange(sp.get_piece_size()) if rng.random() < 0.5 else rng.choice(special)
                for _ in range(rng.randint(0, 8))]
         assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), ids
 
@@ -332,6 +481,7 @@ def tiny_bin(tmp_path) -> bytes:
     ("text_file", "not a tokenizer.bin"),
     ("bad_type", "piece 0 has invalid type 9"),
     ("trailer_count", "trailer says 268 pieces, the file has 269"),
+    ("unknown_flag", "invalid ids or flags"),
 ])
 def test_bad_files_raise_the_c_message(tiny_bin, tmp_path, case, message):
     trailer_at = tiny_bin.rindex(b"L2ZT")
@@ -343,6 +493,7 @@ def test_bad_files_raise_the_c_message(tiny_bin, tmp_path, case, message):
         "text_file": b"hello, this is not a tokenizer\n",
         "bad_type": tiny_bin[:trailer_at + 12 + 4 + 20 + 1024] + b"\x09" + tiny_bin[trailer_at + 12 + 4 + 20 + 1025:],
         "trailer_count": tiny_bin[:trailer_at + 12] + (268).to_bytes(4, "little") + tiny_bin[trailer_at + 16:],
+        "unknown_flag": tiny_bin[:trailer_at + 32] + (64 | 4).to_bytes(4, "little") + tiny_bin[trailer_at + 36:],
     }.get(case)
     path = tmp_path / "tokenizer.bin"
     if data is not None:
@@ -360,6 +511,31 @@ def test_export_refuses_what_it_cannot_write(tmp_path):
     (tmp_path / "junk.model").write_bytes(b"\xff" * 100)
     with pytest.raises(UserError, match="not a SentencePiece model"):
         export_tokenizer(tmp_path / "junk.model", tmp_path / "out.bin")
-    with pytest.raises(UserError, match="BPE models only"):
-        export_tokenizer(tiny_model(tmp_path / "uni.model", model_type=pb.TrainerSpec.UNIGRAM), tmp_path / "out.bin")
+    for kind in (pb.TrainerSpec.WORD, pb.TrainerSpec.CHAR):
+        with pytest.raises(UserError, match="encodes BPE and unigram models only"):
+            export_tokenizer(tiny_model(tmp_path / "word.model", model_type=kind), tmp_path / "out.bin")
+    m = pb.ModelProto.FromString(tiny_model(tmp_path / "tiny.model").read_bytes())
+    m.pieces[0].type = NORMAL  # with byte fallback SentencePiece needs no <unk>; tokenizer.bin does
+    (tmp_path / "no_unk.model").write_bytes(m.SerializeToString())
+    with pytest.raises(UserError, match="has no unknown piece"):
+        export_tokenizer(tmp_path / "no_unk.model", tmp_path / "out.bin")
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_unknown_trailer_flag_is_one_python_message(tiny_bin, tmp_path):
+    trailer_at = tiny_bin.rindex(b"L2ZT")
+    path = tmp_path / "tokenizer.bin"
+    path.write_bytes(tiny_bin[:trailer_at + 32] + (64 | 4).to_bytes(4, "little") + tiny_bin[trailer_at + 36:])
+    with pytest.raises(UserError, match="flags 0x44 have bits this reader does not know"):
+        read_tokenizer_bin(path)
+
+
+def test_null_piece_of_a_byte_fallback_model_is_unused(tmp_path):
+    """SentencePiece loads a "\\0" piece (from some converters) as unused when <0x00> exists."""
+    for model_type in (pb.TrainerSpec.BPE, pb.TrainerSpec.UNIGRAM):
+        m = pb.ModelProto.FromString(tiny_model(tmp_path / "tiny.model", model_type=model_type).read_bytes())
+        m.pieces.add(piece="\0", score=-1, type=NORMAL)
+        sp, ct = model_pair(tmp_path, m.SerializeToString())
+        for text in ["a\0b", "\0", "\0\0a"]:
+            assert ct.encode(text, bos=False) == sp.encode(text), text
+        assert read_tokenizer_bin(tmp_path / "m.bin")["trailer"]["types"][-1] == UNUSED

@@ -18,7 +18,8 @@ Layout, all integers little-endian:
             int32   unk_id, bos_id, eos_id, pad_id     (-1 when absent)
             uint32  flags: 1 add_dummy_prefix, 2 remove_extra_whitespaces,
                     4 escape_whitespaces (always set), 8 treat_whitespace_as_suffix,
-                    16 byte_fallback
+                    16 byte_fallback, 32 unigram model (set: the scores are log
+                    probabilities for a Viterbi search; clear: BPE, they rank merges)
             int32   byte_ids[256]      id of the piece <0xXX> for each byte (-1 when missing)
             uint8   types[n]           SentencePiece's piece types: 1 normal, 2 unknown,
                                        3 control, 4 user-defined, 5 unused, 6 byte
@@ -28,15 +29,19 @@ Layout, all integers little-endian:
                     the normalizer: at each position of the input the longest key that
                     matches is replaced by its value (empty for identity normalizers)
 
-Upstream llama2.c reads exactly vocab_size pieces and ignores the trailer. A reader tells
-the trailer from one more piece by its magic AND its length field matching the bytes left.
+Upstream llama2.c reads exactly vocab_size pieces and ignores the trailer (it encodes every
+model with its BPE merge loop). A reader tells the trailer from one more piece by its magic
+AND its length field matching the bytes left. Files without flag 32 are BPE, so files written
+before unigram support read as they did; older readers refuse the unknown flag.
 
 The rules are the normalizer's own table (SentencePieceNormalizer.Decompile()), not a
 per-code-point approximation: NFKC is not per code point. Of baichuan's 224,725 rules only
 4,850 have a one-code-point key; the rest compose decomposed sequences ("e" + U+0301 -> "é",
 Hangul jamo -> syllables), so they are kept whole (about 3.5 MB of trailer for baichuan).
-Refused: model types other than BPE, a denormalizer, escape_whitespaces off (SentencePiece's
-BPE trainer never makes one) and pieces holding a literal space (they would read as U+2581).
+Refused: model types other than BPE and unigram (word, char), a denormalizer,
+escape_whitespaces off (SentencePiece's trainers make it only when asked), no unknown piece
+(SentencePiece allows none with byte fallback; its trainers always make one) and pieces
+holding a literal space (they would read as U+2581).
 """
 
 from __future__ import annotations
@@ -54,9 +59,11 @@ from llama2zh.fileio import atomic_write_bytes
 MAGIC = b"L2ZT"
 VERSION = 1
 SPACE = "\u2581"
-BYTE_TYPE = 6
+UNUSED_TYPE, BYTE_TYPE = 5, 6
 FLAGS = ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces",
          "treat_whitespace_as_suffix", "byte_fallback")
+UNIGRAM_FLAG = 1 << len(FLAGS)  # the trailer's model_type: "unigram" when set, else "bpe"
+MODEL_TYPES = {sentencepiece_model_pb2.TrainerSpec.BPE: "bpe", sentencepiece_model_pb2.TrainerSpec.UNIGRAM: "unigram"}
 
 
 def load_sentencepiece(model_path: str | os.PathLike):
@@ -89,11 +96,13 @@ def tokenizer_data(model_path: str | os.PathLike) -> dict:
     """What tokenizer.bin holds for a tokenizer.model, in read_tokenizer_bin's form."""
     model_path = Path(model_path)
     processor, proto = load_sentencepiece(model_path)
-    if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.BPE:
+    if proto.trainer_spec.model_type not in MODEL_TYPES:
         kind = sentencepiece_model_pb2.TrainerSpec.ModelType.Name(proto.trainer_spec.model_type)
-        raise UserError(f"{model_path}: a {kind} model; the C engine encodes BPE models only")
+        raise UserError(f"{model_path}: a {kind} model; the C engine encodes BPE and unigram models only")
     if proto.denormalizer_spec.precompiled_charsmap:
         raise UserError(f"{model_path}: has a denormalizer, which the C engine does not implement")
+    if processor.unk_id() < 0:
+        raise UserError(f"{model_path}: has no unknown piece (<unk>), which tokenizer.bin requires")
     if not proto.normalizer_spec.escape_whitespaces:
         raise UserError(f"{model_path}: escape_whitespaces is off, which tokenizer.bin cannot express "
                         "(it writes U+2581 as a space)")
@@ -107,11 +116,13 @@ def tokenizer_data(model_path: str | os.PathLike) -> dict:
         if piece.type == BYTE_TYPE:
             byte_ids[int(piece.piece[3:5], 16)] = i
         pieces.append(text)
-        types.append(piece.type)
+        # SentencePiece loads a "\0" piece of a byte-fallback model as unused (<0x00> is the byte).
+        types.append(UNUSED_TYPE if piece.piece == "\0" and proto.trainer_spec.byte_fallback else piece.type)
 
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
     trailer = {
         "version": VERSION,
+        "model_type": MODEL_TYPES[trainer.model_type],
         "unk_id": processor.unk_id(), "bos_id": processor.bos_id(),
         "eos_id": processor.eos_id(), "pad_id": processor.pad_id(),
         "add_dummy_prefix": norm.add_dummy_prefix,
@@ -134,6 +145,7 @@ def tokenizer_data(model_path: str | os.PathLike) -> dict:
 
 def _payload(trailer: dict, n_pieces: int) -> bytes:
     flags = sum(1 << bit for bit, name in enumerate(FLAGS) if trailer[name])
+    flags |= UNIGRAM_FLAG if trailer["model_type"] == "unigram" else 0
     parts = [struct.pack("<I4iI", n_pieces, trailer["unk_id"], trailer["bos_id"], trailer["eos_id"],
                          trailer["pad_id"], flags),
              struct.pack("<256i", *trailer["byte_ids"]),
@@ -191,7 +203,10 @@ def _read_trailer(r: _Reader, n_pieces: int) -> dict:
     count, unk, bos, eos, pad, flags = r.unpack("<I4iI", "trailer")
     if count != n_pieces:
         raise UserError(f"{r.name}: trailer says {count} pieces, the file has {n_pieces}")
-    trailer = {"version": version, "unk_id": unk, "bos_id": bos, "eos_id": eos, "pad_id": pad}
+    if flags & ~(2 * UNIGRAM_FLAG - 1):
+        raise UserError(f"{r.name}: trailer flags 0x{flags:x} have bits this reader does not know")
+    trailer = {"version": version, "model_type": "unigram" if flags & UNIGRAM_FLAG else "bpe",
+               "unk_id": unk, "bos_id": bos, "eos_id": eos, "pad_id": pad}
     trailer.update((name, bool(flags >> bit & 1)) for bit, name in enumerate(FLAGS))
     trailer["byte_ids"] = list(r.unpack("<256i", "byte ids"))
     trailer["types"] = list(r.take(n_pieces, "piece types"))
