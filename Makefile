@@ -13,7 +13,7 @@ OMP     := -fopenmp
 # -march=native only where the compiler takes it; `make runportable` never uses it.
 NATIVE  := $(shell $(CC) -march=native -x c -c /dev/null -o /dev/null 2>/dev/null && echo -march=native)
 
-.PHONY: run runportable lib venv test bench clean
+.PHONY: run runportable lib venv test bench demo clean
 
 run: csrc/run.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) -o run csrc/run.c $(ENGINE_SRC) -lm
@@ -40,8 +40,36 @@ $(VENV)/.installed: pyproject.toml
 test: venv run lib
 	$(VPY) -m pytest -q tests
 
+# The whole pipeline, offline, on the built-in corpus. Each step is a file target, so a second
+# `make demo` (or one after an interruption) redoes only what is missing; training resumes.
+LLAMA2ZH := $(VPY) -m llama2zh
+PROMPT   ?= 从前，有一个小女孩
+
+data/sample/.complete: | venv
+	$(LLAMA2ZH) download sample
+	touch $@
+
+tokenizers/sample/tokenizer.model: data/sample/.complete
+	$(LLAMA2ZH) vocab train --input data/sample/data*.json --vocab-size 4096 --out tokenizers/sample
+
+data/sample/sample/manifest.json: tokenizers/sample/tokenizer.model
+	$(LLAMA2ZH) pretokenize data/sample --tokenizer tokenizers/sample
+
+out/sample/model.bin: data/sample/sample/manifest.json configs/sample.toml
+	$(LLAMA2ZH) train --config configs/sample.toml
+	$(LLAMA2ZH) export out/sample
+
+demo: venv run lib out/sample/model.bin
+	$(LLAMA2ZH) eval out/sample
+	./run out/sample/model.bin -k out/sample/tokenizer.bin -i "$(PROMPT)" -t 0.8 -p 0.9 -s 42 -n 256
+	$(LLAMA2ZH) verify out/sample
+
 clean:
 	rm -rf build run
 
-bench: venv run
-	$(VPY) -m llama2zh.bench
+# Speed, each figure a ratio against a baseline measured in the same run (this machine is noisy).
+bench: venv run lib
+	$(VPY) -m llama2zh.bench_decode
+	$(VPY) -m llama2zh.bench_train
+	$(VPY) -m llama2zh.bench_pretokenize
+	$(VPY) -m llama2zh.bench_translate

@@ -1,4 +1,4 @@
-"""`make bench`: decode speed of the C engine against PyTorch, measured in the same run.
+"""`make bench`, decode part: the C engine against PyTorch, measured in the same run.
 
 Random models of llama2.c's 15M shape (dim 288, 6 layers) with the 32000- and 55296-piece
 vocabs, fp32 (model.bin v1). For each: `./run -t 0 -n 256` (the achieved tok/s it reports,

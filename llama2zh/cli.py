@@ -180,6 +180,31 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_eval(args, overrides: list[str]) -> int:
+    from llama2zh.evaluate import evaluate, format_report
+
+    print(format_report(evaluate(args.run_dir, per_language=args.documents)))
+    return 0
+
+
+def cmd_sample(args, overrides: list[str]) -> int:
+    import torch
+
+    from llama2zh.checkpoint import load_checkpoint
+    from llama2zh.vocab.export import load_sentencepiece
+
+    model, _ = load_checkpoint(args.run_dir / "ckpt.pt")
+    sp, _ = load_sentencepiece(args.run_dir / "tokenizer.model")
+    prompt = [sp.bos_id()] + sp.encode(args.prompt)
+    if len(prompt) >= model.args.max_seq_len:
+        raise UserError(f"the prompt takes {len(prompt)} positions; the model's seq_len is {model.args.max_seq_len}")
+    generator = torch.Generator().manual_seed(args.seed)
+    out = model.generate(prompt, args.steps, temperature=args.temperature, top_p=args.top_p,
+                         stop_ids=(sp.bos_id(), sp.eos_id()), generator=generator)
+    print(sp.decode(prompt + out))
+    return 0
+
+
 def cmd_pretokenize(args, overrides: list[str]) -> int:
     from llama2zh.corpus.pretokenize import pretokenize
 
@@ -242,6 +267,20 @@ def build_parser() -> Parser:
     p.add_argument("--config", type=Path, required=True, help="a TOML file in configs/")
     p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     p.set_defaults(func=cmd_train, takes_overrides=True)
+
+    p = commands.add_parser("eval", help="loss per token, bits per character and per byte, English and Chinese")
+    p.add_argument("run_dir", type=Path, metavar="out/RUN")
+    p.add_argument("--documents", type=int, default=200, help="validation documents per language (default 200)")
+    p.set_defaults(func=cmd_eval)
+
+    p = commands.add_parser("sample", help="generate text with the PyTorch model of a run")
+    p.add_argument("run_dir", type=Path, metavar="out/RUN")
+    p.add_argument("-i", "--prompt", default="", help="the prompt (default: empty)")
+    p.add_argument("-n", "--steps", type=int, default=256, help="tokens to generate")
+    p.add_argument("-t", "--temperature", type=float, default=0.8)
+    p.add_argument("-p", "--top-p", type=float, default=0.9)
+    p.add_argument("-s", "--seed", type=int, default=1234)
+    p.set_defaults(func=cmd_sample)
 
     p = commands.add_parser("pretokenize", help="story shards -> token shards (uint16/uint32) + manifest.json")
     p.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR")

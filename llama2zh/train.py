@@ -66,6 +66,14 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
+    def average(self, value: float) -> float:
+        """The mean of value over all processes (every rank gets the same number, so all stop together)."""
+        if not self.enabled:
+            return value
+        tensor = torch.tensor([value], dtype=torch.float64)
+        torch.distributed.all_reduce(tensor)
+        return tensor.item() / self.world
+
     def close(self):
         if self.enabled:
             torch.distributed.destroy_process_group()
@@ -94,6 +102,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.run_dir = Path(c.out_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         tokenizer_dir = Path(c.tokenizer)
         self.data = TokenShards(Path(c.dataset) / tokenizer_dir.name)
         self.tokenizer_sha256 = sha256_file(tokenizer_dir / "tokenizer.model")
@@ -177,7 +186,7 @@ class Trainer:
                 loss = self.loss(x, y)
                 self.scaler.scale(loss / self.c.grad_accum).backward()
             total += loss.item()
-        mean = total / self.c.grad_accum
+        mean = self.dist.average(total / self.c.grad_accum)
         if not math.isfinite(mean):
             raise NonFiniteLoss(f"loss became {mean} at step {self.step}; stopped, {self.run_dir / 'ckpt.pt'} "
                                 "holds the last good state (try a lower learning_rate, or dtype = bfloat16)")
@@ -288,7 +297,6 @@ def plot_losses(run_dir: Path) -> None:
 
 def train(config: Config, resume: bool = True) -> Path:
     run_dir = Path(config.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(config, resume)
     if trainer.dist.main:
         with atomic_output(run_dir / "config.toml") as tmp:

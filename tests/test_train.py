@@ -1,0 +1,143 @@
+"""Training: exact resume, DDP equals one process, NaN caught, Ctrl-C saves, bad configs, evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+
+import pytest
+import torch
+
+from llama2zh.checkpoint import load_checkpoint
+from llama2zh.config import Config, load_config
+from llama2zh.corpus.pretokenize import pretokenize
+from llama2zh.corpus.sample import write_sample
+from llama2zh.evaluate import evaluate
+from llama2zh.train import NonFiniteLoss, Trainer, train
+from llama2zh.vocab.train import train_tokenizer
+from tests.conftest import ROOT
+from tests.test_cli import llama2zh
+
+SAMPLE = ROOT / "configs" / "sample.toml"
+
+TINY = dict(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, max_seq_len=64, batch_size=4, max_iters=12,
+            learning_rate=3e-3, warmup_iters=2, eval_interval=4, eval_iters=2, log_interval=1, device="cpu",
+            dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A small built-in corpus, a tokenizer trained on it, and its token shards."""
+    root = tmp_path_factory.mktemp("train")
+    write_sample(root / "data" / "sample", n_stories=300, shard_size=100)
+    train_tokenizer(sorted((root / "data" / "sample").glob("*.json")), 1200, root / "tok" / "tiny", lang="enzh")
+    pretokenize(root / "data" / "sample", root / "tok" / "tiny", lang="enzh", workers=1, val_permille=100)
+    return root
+
+
+def config(data, out: str, **extra) -> Config:
+    """configs/sample.toml made tiny, as the subprocess runs below make it with overrides."""
+    return replace(load_config(SAMPLE), **{**TINY, "dataset": str(data / "data" / "sample"),
+                                           "tokenizer": str(data / "tok" / "tiny"),
+                                           "out_dir": str(data / "out" / out), **extra})
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def test_resumed_run_repeats_the_uninterrupted_losses(data):
+    straight = losses(train(config(data, "straight")))
+    first = Trainer(config(data, "resumed"), resume=False)
+    early = {}
+    for step in range(1, 6):
+        early[step] = first.train_step()
+    first.save()
+    second = Trainer(config(data, "resumed"), resume=True)
+    assert second.step == 5
+    second.run()
+    resumed = {**early, **losses(data / "out" / "resumed")}
+    assert sorted(resumed) == sorted(straight) == list(range(1, 13))
+    for step, loss in straight.items():
+        assert abs(resumed[step] - loss) <= 1e-6, step
+
+
+def test_two_gloo_processes_match_one_at_the_same_global_batch(data):
+    one = losses(train(config(data, "one", batch_size=4, max_iters=6, eval_interval=6)))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    overrides = [f"--{k}={v}" for k, v in {**TINY, "dataset": data / "data" / "sample", "tokenizer":
+                 data / "tok" / "tiny", "out_dir": data / "out" / "two", "batch_size": 2, "max_iters": 6,
+                 "eval_interval": 6}.items()]
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             "-m", "llama2zh", "train", "--config", str(SAMPLE), *overrides],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    two = losses(data / "out" / "two")
+    assert sorted(two) == sorted(one)
+    for step in one:
+        assert abs(one[step] - two[step]) <= 1e-4, (step, one[step], two[step])
+
+
+def test_nan_mid_run_stops_and_keeps_the_last_good_checkpoint(data):
+    trainer = Trainer(config(data, "nan"), resume=False)
+    for _ in range(3):
+        trainer.train_step()
+    trainer.save()
+    with torch.no_grad():
+        trainer.model.layers[0].attention.wq.weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 3"):
+        trainer.train_step()
+    model, state = load_checkpoint(data / "out" / "nan" / "ckpt.pt")
+    assert state["step"] == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_ctrl_c_saves_and_a_rerun_resumes(data):
+    out = data / "out" / "interrupted"
+    args = [sys.executable, "-m", "llama2zh", "train", "--config", str(SAMPLE),
+            *[f"--{k}={v}" for k, v in {**TINY, "dataset": data / "data" / "sample", "tokenizer":
+              data / "tok" / "tiny", "out_dir": out, "max_iters": 100000, "eval_interval": 100000}.items()]]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    process = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "metrics.jsonl").exists() or len((out / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert time.monotonic() < deadline and process.poll() is None, process.stderr.read()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "llama2zh: interrupted"
+    _, state = load_checkpoint(out / "ckpt.pt")
+    assert state["step"] >= 3
+    steps = sorted(losses(out))
+    assert steps == list(range(1, state["step"] + 1))  # every step logged once, up to the save
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--dimm=3", "unknown config key 'dimm'; valid keys: dim"),
+    ("--dtype=float8", "dtype must be one of float32, bfloat16, float16"),
+    ("--batch_size=0", "batch_size must be at least 1"),
+    ("--learning_rate=fast", "learning_rate must be an float"),
+])
+def test_bad_configs_are_rejected(tmp_path, override, message):
+    result = llama2zh("train", "--config", SAMPLE, override, cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_evaluation_reports_bits_per_character_per_language(data):
+    run = train(config(data, "eval", max_iters=8))
+    report = evaluate(run, per_language=10)
+    for lang in ("en", "zh"):
+        row = report[lang]
+        assert row["documents"] == 10
+        assert row["bits_per_char"] > 0 and row["bits_per_byte"] <= row["bits_per_char"]
+    assert report["unigram_entropy"] > 0
+    for name in ("model.bin", "tokenizer.bin", "tokenizer.model", "config.toml", "metrics.jsonl", "best.pt"):
+        assert (run / name).exists(), name
