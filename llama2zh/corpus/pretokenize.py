@@ -45,16 +45,15 @@ def is_val(doc_id: str, val_permille: int) -> bool:
     return zlib.crc32(story_id.encode("utf-8")) % 1000 < val_permille
 
 
-_tokenizer = None  # one C tokenizer per worker process
+_tokenizers = {}  # per process: tokenizer.bin path -> its C tokenizer, loaded once
 
 
 def _encoder(path: Path):
-    global _tokenizer
-    if _tokenizer is None:
+    if path not in _tokenizers:
         from llama2zh.engine import CTokenizer
 
-        _tokenizer = CTokenizer(path)
-    return _tokenizer
+        _tokenizers[path] = CTokenizer(path)
+    return _tokenizers[path]
 
 
 def encode_shard(job: Job) -> dict:
