@@ -34,7 +34,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet --upgrade pip
-	$(VPY) -m pip install --quiet "$(TORCH)" -e ".[dev]"
+	$(VPY) -m pip install --quiet "$(TORCH)" -e ".[dev,plot]"
 	touch $@
 
 test: venv run lib
