@@ -93,19 +93,22 @@ class CTokenizer:
         self.vocab_size = lib().l2_tokenizer_vocab_size(handle)
         self.bos_id = lib().l2_tokenizer_bos_id(handle)
         self.eos_id = lib().l2_tokenizer_eos_id(handle)
+        self._ids, self._err = ffi.new("int[]", 4096), _err_buffer()  # reused: one tokenizer, one thread
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        return self.encode_array(text, bos, eos).tolist()
+
+    def encode_array(self, text: str, bos: bool = True, eos: bool = False) -> np.ndarray:
+        """The ids as an int32 array: no Python int per token, for bulk encoding."""
         data = text.encode("utf-8")
-        err = _err_buffer()
-        capacity = len(data) + 8
         while True:
-            ids = ffi.new("int[]", capacity)
-            n = lib().l2_encode(self._handle, data, len(data), int(bos), int(eos), ids, capacity, err)
+            capacity = len(self._ids)
+            n = lib().l2_encode(self._handle, data, len(data), int(bos), int(eos), self._ids, capacity, self._err)
             if n < 0:
-                _raise(err)
+                _raise(self._err)
             if n <= capacity:
-                return list(ids[0:n])
-            capacity = n
+                return np.frombuffer(ffi.buffer(self._ids, 4 * n), dtype=np.int32).copy()
+            self._ids = ffi.new("int[]", 2 * n)  # grown once, reused by every later call
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         err = _err_buffer()

@@ -69,7 +69,7 @@ def encode_shard(job: Job) -> dict:
             entry[split] = {"file": name, "tokens": 0, "documents": 0}
         for doc_id, text in documents(job.source, job.lang):
             split = "val" if is_val(doc_id, job.val_permille) else "train"
-            ids = np.asarray(tokenizer.encode(text, bos=True), dtype=job.dtype)
+            ids = tokenizer.encode_array(text, bos=True).astype(job.dtype)
             files[split].write(ids.tobytes())
             entry[split]["tokens"] += int(ids.size)
             entry[split]["documents"] += 1

@@ -41,8 +41,9 @@ def read_records(path: Path) -> list[dict]:
 
 def documents(path: Path, lang: str) -> Iterator[tuple[str, str]]:
     """(id, text) of every document of one shard in the chosen language(s)."""
+    stem = path.stem
     for index, record in enumerate(read_records(path)):
-        doc_id = str(record.get("id", f"{path.stem}:{index}"))
+        doc_id = str(record["id"]) if "id" in record else f"{stem}:{index}"
         parallel = "story_en" in record
         if lang in ("en", "enzh") and parallel:
             yield doc_id + "/en", record["story_en"]
