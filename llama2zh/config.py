@@ -22,7 +22,7 @@ class ConfigError(Exception):
     """A bad config file or override: a usage error (exit status 2)."""
 
 
-CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda")}
+CHOICES = {"dtype": ("float32", "bfloat16", "float16"), "device": ("auto", "cpu", "cuda"), "lang": ("en", "zh", "enzh")}
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Config:
     # data: DATASET's story shards pretokenized by TOKENIZER (a directory with tokenizer.model)
     dataset: str = "data/sample"
     tokenizer: str = "tokenizers/sample"
+    lang: str = "enzh"  # the mix pretokenize was run with: en, zh, or enzh (both sides of parallel stories)
     # training
     out_dir: str = "out/sample"
     batch_size: int = 32  # sequences per micro-batch (per process)

@@ -109,6 +109,9 @@ class Trainer:
         if self.data.manifest["tokenizer_sha256"] != self.tokenizer_sha256:
             raise UserError(f"{c.dataset} was pretokenized with another {tokenizer_dir.name}/tokenizer.model; "
                             "pretokenize it again (--force)")
+        if self.data.manifest["lang"] != c.lang:
+            raise UserError(f"{c.dataset} was pretokenized with --lang {self.data.manifest['lang']}, the config "
+                            f"asks for lang = {c.lang}; pretokenize it again with --lang {c.lang} --force")
 
         torch.manual_seed(c.seed)
         self.model = Transformer(c.model_args(self.data.vocab_size))

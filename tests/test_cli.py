@@ -24,7 +24,7 @@ def llama2zh(*args, cwd=ROOT):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, tokenizer_dirs):
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    result = llama2zh("init", run, "--config", ROOT / "configs/stories15M.toml", "--tokenizer",
+    result = llama2zh("init", run, "--config", ROOT / "configs/stories15M_llama2en.toml", "--tokenizer",
                       tokenizer_dirs["llama2en"], *TINY)
     assert result.returncode == 0, result.stderr
     return run
@@ -78,9 +78,10 @@ def test_export_run_directory_to_v0_and_back(tmp_path, run_dir):
     (["verify", "x", "--bogus"], 2, "unrecognized arguments: --bogus"),
     (["export", "m.bin", "--version", "1"], 2, "needs --out"),
     (["export", "m.bin", "--version", "9", "--out", "o.bin"], 2, "invalid choice"),
-    (["init", "out/x", "--config", "configs/stories15M.toml", "--tokenizer", "/nonexistent", "--dimm=4"], 2,
+    (["init", "out/x", "--config", "configs/stories15M_llama2en.toml", "--tokenizer", "/nonexistent", "--dimm=4"], 2,
      "unknown config key 'dimm'; valid keys: dim"),
-    (["init", "out/x", "--config", "configs/stories15M.toml", "--tokenizer", "/nonexistent"], 1, "/nonexistent"),
+    (["init", "out/x", "--config", "configs/stories15M_llama2en.toml", "--tokenizer", "/nonexistent"], 1,
+     "/nonexistent"),
     (["vocab", "export", "/nonexistent/tokenizer.model"], 1, "/nonexistent/tokenizer.model"),
 ])
 def test_bad_usage_is_one_line(tmp_path, args, status, message):

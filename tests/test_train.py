@@ -131,6 +131,13 @@ def test_bad_configs_are_rejected(tmp_path, override, message):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
+def test_every_shipped_config_is_valid(path):
+    config = load_config(path)
+    config.model_args(vocab_size=32000)
+    assert path.stem == "sample" or path.stem.split("_")[1] in config.tokenizer
+
+
 def test_evaluation_reports_bits_per_character_per_language(data):
     run = train(config(data, "eval", max_iters=8))
     report = evaluate(run, per_language=10)
