@@ -87,11 +87,17 @@ def pick_device(c: Config, dist: Distributed) -> torch.device:
     return torch.device("cpu")
 
 
-def autocast_context(c: Config, device: torch.device):
-    if c.dtype == "float32":
+def compute_dtype(c: Config, device: torch.device) -> str:
+    """The config's dtype, except bfloat16 on a GPU without it, which becomes float16 (with a scaler)."""
+    if c.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "float16"
+    return c.dtype
+
+
+def autocast_context(dtype: str, device: torch.device):
+    if dtype == "float32":
         return nullcontext()
-    dtype = torch.bfloat16 if c.dtype == "bfloat16" else torch.float16
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
 
 
 class Trainer:
@@ -118,7 +124,10 @@ class Trainer:
         self.model.init_weights(torch.Generator().manual_seed(c.seed))
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, c, fused=self.device.type == "cuda")
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=c.dtype == "float16")
+        self.dtype = compute_dtype(c, self.device)
+        if self.dtype != c.dtype:
+            print(f"this GPU has no bfloat16: training in {self.dtype} with a gradient scaler")
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.data_rng = torch.Generator().manual_seed(c.seed)
         self.step, self.best_val = 0, math.inf
         if resume and (self.run_dir / "ckpt.pt").exists():
@@ -162,7 +171,7 @@ class Trainer:
         return x.to(self.device), y.to(self.device)
 
     def loss(self, x, y, model=None) -> torch.Tensor:
-        with autocast_context(self.c, self.device):
+        with autocast_context(self.dtype, self.device):
             logits = (model or self.forward_model)(x)
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
 
