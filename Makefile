@@ -5,15 +5,15 @@ TORCH   ?= torch==2.13.0
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 
-ENGINE_SRC := csrc/model.c csrc/tokenizer.c csrc/sampler.c csrc/generate.c
-ENGINE_HDR := csrc/llama2.h csrc/common.h
+ENGINE_SRC := csrc/model.c csrc/quant.c csrc/tokenizer.c csrc/sampler.c csrc/generate.c
+ENGINE_HDR := csrc/llama2.h csrc/common.h csrc/quant.h
 CFLAGS  ?= -O3
 WARN    := -std=gnu11 -Wall -Wextra -Wno-unused-parameter
 OMP     := -fopenmp
 # -march=native only where the compiler takes it; `make runportable` never uses it.
 NATIVE  := $(shell $(CC) -march=native -x c -c /dev/null -o /dev/null 2>/dev/null && echo -march=native)
 
-.PHONY: run runportable lib venv test bench demo clean
+.PHONY: run runportable lib venv test test-asan fuzz bench demo clean
 
 run: csrc/run.c $(ENGINE_SRC) $(ENGINE_HDR)
 	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) -o run csrc/run.c $(ENGINE_SRC) -lm
@@ -66,6 +66,45 @@ demo: venv run lib out/sample/model.bin
 
 clean:
 	rm -rf build run
+
+# The C-facing tests against a build with AddressSanitizer and UBSan: the binding loads
+# LLAMA2ZH_LIB and runs LLAMA2ZH_RUN. The Python process needs libasan preloaded (and libstdc++,
+# for its C++ extensions' exceptions); its own leaks are not the engine's (make fuzz checks those).
+ASAN_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
+ASAN_TESTS := tests/test_run.py tests/test_parity.py tests/test_tokenizer.py tests/test_quant.py
+
+build/asan/libllama2zh.so: $(ENGINE_SRC) $(ENGINE_HDR)
+	@mkdir -p build/asan
+	$(CC) $(ASAN_FLAGS) $(OMP) $(WARN) -fPIC -shared -o $@ $(ENGINE_SRC) -lm
+
+build/asan/run: csrc/run.c $(ENGINE_SRC) $(ENGINE_HDR)
+	@mkdir -p build/asan
+	$(CC) $(ASAN_FLAGS) $(OMP) $(WARN) -o $@ csrc/run.c $(ENGINE_SRC) -lm
+
+test-asan: venv build/asan/libllama2zh.so build/asan/run
+	LLAMA2ZH_LIB=$(CURDIR)/build/asan/libllama2zh.so LLAMA2ZH_RUN=$(CURDIR)/build/asan/run \
+	LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libstdc++.so)" \
+	ASAN_OPTIONS=detect_leaks=0 UBSAN_OPTIONS=print_stacktrace=1 $(VPY) -m pytest -q $(ASAN_TESTS)
+
+# libFuzzer on the model.bin and tokenizer.bin loaders, under AddressSanitizer and UBSan
+# (leaks included), from seeds of every file kind; FUZZ_TIME seconds (needs clang).
+FUZZ_CC   ?= clang
+FUZZ_TIME ?= 60
+
+build/fuzz/fuzz_loaders: csrc/fuzz_loaders.c $(ENGINE_SRC) $(ENGINE_HDR)
+	@mkdir -p build/fuzz
+	@command -v $(FUZZ_CC) >/dev/null || { echo "make fuzz needs clang (apt-get install clang)"; exit 1; }
+	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
+		-fopenmp-simd -Wno-pass-failed $(WARN) -o $@ csrc/fuzz_loaders.c $(ENGINE_SRC) -lm
+
+build/fuzz/seeds/.done: csrc/fuzz_seeds.py | venv
+	$(VPY) csrc/fuzz_seeds.py build/fuzz/seeds
+	touch $@
+
+fuzz: build/fuzz/fuzz_loaders build/fuzz/seeds/.done
+	@mkdir -p build/fuzz/corpus
+	build/fuzz/fuzz_loaders -max_total_time=$(FUZZ_TIME) -max_len=8192 -timeout=10 -rss_limit_mb=4096 \
+		-print_final_stats=1 -artifact_prefix=build/fuzz/ build/fuzz/corpus build/fuzz/seeds
 
 # Speed, each figure a ratio against a baseline measured in the same run (this machine is noisy).
 bench: venv run lib

@@ -1,5 +1,6 @@
 /* generate.c - the generation loop shared by run.c and the Python binding:
- * llama2.c's, with the stop tokens and the output as parameters. */
+ * llama2.c's, with the stop tokens and the output as parameters, and the prompt run as
+ * one batch instead of token by token. */
 #include "llama2.h"
 #include "common.h"
 
@@ -17,22 +18,23 @@ int l2_generate(L2Model *m, L2Sampler *s, const int *prompt_ids, int n_prompt,
     int seq_len = l2_model_config(m)->seq_len;
     if (steps == 0 || steps > seq_len) steps = seq_len;
 
+    /* the prompt goes through as a batch (with fewer steps than prompt tokens, only the
+     * first `steps`); the logits at its last position give the first sampled token */
+    int n_pre = n_prompt < steps ? n_prompt : steps;
+    float *logits = l2_model_prefill(m, prompt_ids, n_pre, 0, NULL, err);
+    if (!logits) return -1;
+    if (n_pre < n_prompt) return 0;
+
     int n_out = 0;
-    int token = prompt_ids[0];
-    /* position pos computes the token at pos + 1: forced from the prompt
-     * while there is one, sampled after */
-    for (int pos = 0; pos < steps; pos++) {
-        float *logits = l2_model_forward(m, token, pos, err);
-        if (!logits) return -1;
-        if (pos < n_prompt - 1) {
-            token = prompt_ids[pos + 1];
-            continue;
-        }
-        token = l2_sample(s, logits);
+    for (int pos = n_prompt - 1;;) { /* the logits at pos give the token at pos + 1 */
+        int token = l2_sample(s, logits);
         if (token == stop_a || token == stop_b) break;
         if (n_out < max_out && out) out[n_out] = token;
         n_out++;
         if (on_token && on_token(ctx, token)) break;
+        if (++pos >= steps) break;
+        logits = l2_model_forward(m, token, pos, err);
+        if (!logits) return -1;
     }
     return n_out;
 }

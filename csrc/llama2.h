@@ -26,11 +26,15 @@ typedef struct {
     int vocab_size;
     int seq_len;           /* longest context the model was built for */
     int shared_classifier; /* 1: the classifier is the token embedding */
-    int version;           /* file format: 0 legacy, 1 ak42 fp32 */
+    int version;           /* file format: 0 legacy, 1 ak42 fp32, 2 ak42 int8 (Q8_0) */
+    int group_size;        /* version 2: values per int8 group with one fp32 scale; else 0 */
 } L2Config;
 
 typedef struct L2Model L2Model;
 
+/* The matmul kernels are the fastest set this CPU runs, unless the environment variable
+ * LLAMA2ZH_KERNEL names one (portable, avx2 or avx512: opening fails when the CPU lacks
+ * it). The threads are OMP_NUM_THREADS when set, else one per physical core. */
 L2Model *l2_model_open(const char *path, char *err);
 void l2_model_close(L2Model *m);
 const L2Config *l2_model_config(const L2Model *m);
@@ -38,6 +42,17 @@ const L2Config *l2_model_config(const L2Model *m);
  * 0..pos-1) and returns vocab_size logits, owned by the model and valid until
  * the next call; NULL with err set when token or pos is out of range. */
 float *l2_model_forward(L2Model *m, int token, int pos, char *err);
+/* Runs the n tokens at positions pos..pos+n-1 as batches (each weight read once per batch,
+ * not once per token: prompts go much faster) and returns the last token's logits, as
+ * l2_model_forward would after n calls. With all_logits not NULL it also writes every
+ * token's logits there (n * vocab_size floats). NULL with err set on a bad token or range. */
+float *l2_model_prefill(L2Model *m, const int *tokens, int n, int pos, float *all_logits,
+                        char *err);
+/* The name of the kernel set in use: "portable", "avx2" or "avx512". */
+const char *l2_model_kernel(const L2Model *m);
+/* Sets the threads the forward pass uses (n_threads <= 0: the default); returns the count,
+ * or -1 (the setting unchanged) when out of memory for their buffers. */
+int l2_model_set_threads(L2Model *m, int n_threads);
 
 /* ---- tokenizer.c: tokenizer.bin loading, encode, streaming decode ---- */
 

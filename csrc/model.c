@@ -1,17 +1,21 @@
-/* model.c - model.bin loading (mmap, validated) and the fp32 forward pass.
+/* model.c - model.bin loading (mmap, validated) and the forward pass.
  *
- * The forward pass is llama2.c's: one token at a time, a KV cache, every
- * weight read once per token. That makes it memory-bound, so the one thing
- * that matters for speed is streaming the weights through matmul on all
- * cores; everything else is small.
+ * The forward pass is llama2.c's, generalised to a batch of T tokens at consecutive
+ * positions. Decoding runs T = 1: every weight is streamed from memory once per token, so
+ * it is memory-bound, and int8 weights (version 2) are 4x less to stream. Prefill runs the
+ * prompt in batches: each weight is read once per batch and reused for every token, so it
+ * is compute-bound. Either way the time goes in the matmuls (quant.c); everything else is
+ * small.
  */
+#define _GNU_SOURCE /* sched_getaffinity */
 #include "llama2.h"
 #include "common.h"
+#include "quant.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <math.h>
-#include <stdarg.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,45 +24,79 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static int omp_get_thread_num(void) { return 0; }
+static int omp_get_num_threads(void) { return 1; }
+static int omp_get_max_threads(void) { return 1; }
+#endif
+
 #define AK42_MAGIC 0x616b3432u /* "ak42" read as a little-endian uint32 */
 #define V0_HEADER_BYTES 28     /* 7 int32 */
-#define V1_HEADER_BYTES 256
+#define V1_HEADER_BYTES 256    /* also version 2's */
+#define V2_GROUP_OFFSET 37     /* int32 group size, right after the shared_classifier byte */
+
+#define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers */
+
+/* A weight matrix of d rows by n: float32, or int8 with a float32 scale per group of gs
+ * consecutive values (version 2; gs divides n, so a group never straddles two rows). */
+typedef struct {
+    const float *f; /* (d, n), or NULL when int8 */
+    Q8Mat q8;       /* when int8 */
+    int d, n;
+} Mat;
+
+enum { WQ, WK, WV, WO, W1, W2, W3, N_KINDS }; /* the matrices of a layer, in file order */
 
 typedef struct {
-    const float *token_embedding; /* (vocab, dim) */
-    const float *rms_att;         /* (layer, dim) */
-    const float *rms_ffn;         /* (layer, dim) */
-    const float *wq;              /* (layer, dim, dim) */
-    const float *wk;              /* (layer, kv_dim, dim) */
-    const float *wv;              /* (layer, kv_dim, dim) */
-    const float *wo;              /* (layer, dim, dim) */
-    const float *w1;              /* (layer, hidden, dim) */
-    const float *w2;              /* (layer, dim, hidden) */
-    const float *w3;              /* (layer, hidden, dim) */
-    const float *rms_final;       /* (dim) */
-    const float *wcls;            /* (vocab, dim) */
+    const float *rms_att;   /* (layer, dim) */
+    const float *rms_ffn;   /* (layer, dim) */
+    const float *rms_final; /* (dim) */
+    Mat token_embedding;    /* (vocab, dim) */
+    Mat *layer[N_KINDS];    /* layer[WQ][l] is layer l's wq: (dim, dim); wk, wv (kv_dim, dim);
+                               wo (dim, dim); w1, w3 (hidden, dim); w2 (dim, hidden) */
+    Mat wcls;               /* (vocab, dim) */
 } Weights;
 
+/* A thread's own copy of a matmul's input: normed (T, dim), and for int8 weights quantized
+ * (T, max(dim, hidden_dim)). Every thread needs all of the input, and making it costs
+ * little next to the matmul, while sharing one copy would cost barriers. */
 typedef struct {
-    float *x;      /* activation at the current position (dim) */
-    float *xb;     /* scratch (dim) */
-    float *xb2;    /* scratch (dim) */
-    float *hb;     /* SwiGLU hidden (hidden_dim) */
-    float *hb2;    /* SwiGLU hidden (hidden_dim) */
-    float *q;      /* query (dim) */
+    float *xn;
+    Q8Act xq;
+} ThreadBuffers;
+
+/* Buffers for a batch of up to PREFILL_CHUNK tokens; row t belongs to token t. */
+typedef struct {
+    float *x;      /* the residual stream (T, dim) */
+    float *xb;     /* the attention output (T, dim) */
+    float *xb2;    /* a matmul's output, to add to x (T, dim) */
+    float *hb;     /* SwiGLU hidden (T, hidden_dim) */
+    float *hb2;    /* SwiGLU hidden (T, hidden_dim) */
+    float *q;      /* queries (T, dim) */
+    float *rope;   /* cos, sin of each pair's angle at each token's position (T, head_size) */
     float *att;    /* attention scores (n_heads, seq_len) */
     float *logits; /* (vocab_size) */
     float *key_cache;   /* (layer, seq_len, kv_dim) */
     float *value_cache; /* (layer, seq_len, kv_dim) */
+    ThreadBuffers *mine; /* one per thread */
+    int n_mine;
 } RunState;
 
 struct L2Model {
     L2Config cfg;
     Weights w;
     RunState s;
+    const Kernels *kernels;
+    int n_threads;
+    Mat *mats;      /* the storage of w.layer */
+    float *scales;  /* aligned copies of the scales, when the file leaves them unaligned */
+    void *packed;   /* int8 weights in the kernels' own layout, when they have one */
     void *map;
     size_t map_size;
 };
+
 
 static int32_t read_i32(const unsigned char *p) {
     int32_t v;
@@ -77,23 +115,24 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
     const unsigned char *params;
     if ((uint32_t)read_i32(p) == AK42_MAGIC) {
         int version = read_i32(p + 4);
-        if (version != 1) {
+        if (version != 1 && version != 2) {
             set_err(err, "%s: unsupported model.bin version %d", path, version);
             return -1;
         }
         if (size < V1_HEADER_BYTES) {
-            set_err(err, "%s: %zu bytes, too small for a version 1 header", path, size);
+            set_err(err, "%s: %zu bytes, too small for a version %d header", path, size, version);
             return -1;
         }
         header = V1_HEADER_BYTES;
         params = p + 8;
-        cfg->version = 1;
+        cfg->version = version;
         unsigned shared = p[36];
         if (shared > 1) {
             set_err(err, "%s: shared_classifier flag is %u, not 0 or 1", path, shared);
             return -1;
         }
         cfg->shared_classifier = (int)shared;
+        if (version == 2) cfg->group_size = read_i32(p + V2_GROUP_OFFSET);
     } else {
         if (size < V0_HEADER_BYTES) {
             set_err(err, "%s: %zu bytes, too small to be a model.bin", path, size);
@@ -139,67 +178,264 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
                 cfg->dim, cfg->n_heads);
         return -1;
     }
+    /* activations are quantized in the weights' groups, so a group must not straddle two
+     * rows (llama2.c's export can write such files; its runq then drops part of each row) */
+    if (cfg->version == 2 && (cfg->group_size <= 0 || cfg->dim % cfg->group_size ||
+                              cfg->hidden_dim % cfg->group_size)) {
+        set_err(err, "%s: group size %d must divide both dim %d and hidden_dim %d "
+                "(re-export with a group size that does)", path, cfg->group_size, cfg->dim,
+                cfg->hidden_dim);
+        return -1;
+    }
     return header;
 }
 
-/* Points the weights into the mapping; returns the bytes the file must hold.
- * With the bounds parse_header enforces no count here exceeds 2^48. */
-static uint64_t map_weights(Weights *w, const L2Config *c, const float *f) {
-    uint64_t dim = c->dim, hidden = c->hidden_dim, L = c->n_layers;
-    uint64_t kv_dim = dim / c->n_heads * c->n_kv_heads;
-    uint64_t vocab = c->vocab_size, head_size = dim / c->n_heads;
-    uint64_t n = 0; /* floats consumed so far */
-#define TAKE(field, count) (w->field = f ? f + n : NULL, n += (count))
+/* Walks the tensors in file order. With base NULL it only counts bytes; with the mapping it
+ * also points the weights into it. */
+typedef struct {
+    const unsigned char *base;
+    uint64_t at; /* bytes so far */
+    int gs;      /* group size of int8 matrices; 0: float32 */
+} Cursor;
+
+static const float *take_f32(Cursor *c, uint64_t count) {
+    const float *p = c->base ? (const float *)(c->base + c->at) : NULL;
+    c->at += count * sizeof(float);
+    return p;
+}
+
+static void take_mat(Cursor *c, Mat *m, int d, int n) {
+    uint64_t count = (uint64_t)d * n;
+    m->d = d;
+    m->n = n;
+    if (!c->gs) {
+        m->f = take_f32(c, count);
+        return;
+    }
+    m->q8.q = c->base ? (const int8_t *)(c->base + c->at) : NULL;
+    c->at += count;
+    m->q8.s = take_f32(c, count / c->gs); /* possibly unaligned: check_q8 copies those */
+}
+
+static void take_layers(Cursor *c, Mat *mats, int n_layers, int d, int n) {
+    for (int l = 0; l < n_layers; l++) take_mat(c, &mats[l], d, n);
+}
+
+/* Returns the bytes the tensors take. With the bounds parse_header enforces no count here
+ * exceeds 2^48. */
+static uint64_t map_weights(Weights *w, const L2Config *c, const unsigned char *base) {
+    int dim = c->dim, hidden = c->hidden_dim, L = c->n_layers, vocab = c->vocab_size;
+    int kv_dim = dim / c->n_heads * c->n_kv_heads, head_size = dim / c->n_heads;
+    Cursor cur = {base, 0, c->version == 2 ? c->group_size : 0};
     if (c->version == 0) {
-        TAKE(token_embedding, vocab * dim);
-        TAKE(rms_att, L * dim);
-        TAKE(wq, L * dim * dim);
-        TAKE(wk, L * kv_dim * dim);
-        TAKE(wv, L * kv_dim * dim);
-        TAKE(wo, L * dim * dim);
-        TAKE(rms_ffn, L * dim);
-        TAKE(w1, L * hidden * dim);
-        TAKE(w2, L * dim * hidden);
-        TAKE(w3, L * hidden * dim);
-        TAKE(rms_final, dim);
-        /* freq_cis_real and _imag: skipped, RoPE is computed */
-        n += (uint64_t)c->seq_len * head_size;
+        take_mat(&cur, &w->token_embedding, vocab, dim);
+        w->rms_att = take_f32(&cur, (uint64_t)L * dim);
     } else {
-        TAKE(rms_att, L * dim);
-        TAKE(rms_ffn, L * dim);
-        TAKE(rms_final, dim);
-        TAKE(token_embedding, vocab * dim);
-        TAKE(wq, L * dim * dim);
-        TAKE(wk, L * kv_dim * dim);
-        TAKE(wv, L * kv_dim * dim);
-        TAKE(wo, L * dim * dim);
-        TAKE(w1, L * hidden * dim);
-        TAKE(w2, L * dim * hidden);
-        TAKE(w3, L * hidden * dim);
+        w->rms_att = take_f32(&cur, (uint64_t)L * dim);
+        w->rms_ffn = take_f32(&cur, (uint64_t)L * dim);
+        w->rms_final = take_f32(&cur, dim);
+        take_mat(&cur, &w->token_embedding, vocab, dim);
+    }
+    take_layers(&cur, w->layer[WQ], L, dim, dim);
+    take_layers(&cur, w->layer[WK], L, kv_dim, dim);
+    take_layers(&cur, w->layer[WV], L, kv_dim, dim);
+    take_layers(&cur, w->layer[WO], L, dim, dim);
+    if (c->version == 0) w->rms_ffn = take_f32(&cur, (uint64_t)L * dim);
+    take_layers(&cur, w->layer[W1], L, hidden, dim);
+    take_layers(&cur, w->layer[W2], L, dim, hidden);
+    take_layers(&cur, w->layer[W3], L, hidden, dim);
+    if (c->version == 0) {
+        w->rms_final = take_f32(&cur, dim);
+        /* freq_cis_real and _imag: skipped, RoPE is computed */
+        take_f32(&cur, (uint64_t)c->seq_len * head_size);
     }
     if (c->shared_classifier)
         w->wcls = w->token_embedding;
     else
-        TAKE(wcls, vocab * dim);
-#undef TAKE
-    return n * sizeof(float);
+        take_mat(&cur, &w->wcls, vocab, dim);
+    return cur.at;
+}
+
+/* Checks an int8 matrix: Q8_0 values lie in -127..127 (the kernels negate them) and scales
+ * are finite and >= 0. Scales the file leaves unaligned (a group size that is not a multiple
+ * of 4) are first copied to *spare. */
+static int check_q8(Mat *m, int gs, float **spare, const char *path, char *err) {
+    uint64_t count = (uint64_t)m->d * m->n, n_scales = count / gs;
+    if (memchr(m->q8.q, 0x80, count)) {
+        set_err(err, "%s: an int8 weight is -128: not Q8_0 (whose values lie in -127..127)", path);
+        return 0;
+    }
+    if ((uintptr_t)m->q8.s % sizeof(float)) {
+        memcpy(*spare, m->q8.s, n_scales * sizeof(float));
+        m->q8.s = *spare;
+        *spare += n_scales;
+    }
+    for (uint64_t i = 0; i < n_scales; i++) {
+        if (!(m->q8.s[i] >= 0.0f && m->q8.s[i] <= 3.0e38f)) { /* also catches NaN */
+            set_err(err, "%s: a quantization scale is %g, not a finite number >= 0", path,
+                    (double)m->q8.s[i]);
+            return 0;
+        }
+    }
+    return 1;
+}
+
+static int check_int8_weights(L2Model *m, const char *path, char *err) {
+    const L2Config *c = &m->cfg;
+    size_t n_mats = (size_t)c->n_layers * N_KINDS;
+    float *spare = NULL;
+    if (c->group_size % 4) {
+        uint64_t n_scales = 2 * (uint64_t)c->vocab_size * c->dim / c->group_size;
+        for (size_t i = 0; i < n_mats; i++)
+            n_scales += (uint64_t)m->mats[i].d * m->mats[i].n / c->group_size;
+        m->scales = malloc(n_scales * sizeof(float));
+        if (!m->scales) {
+            set_err(err, "%s: out of memory for the scales", path);
+            return 0;
+        }
+        spare = m->scales;
+    }
+    for (size_t i = 0; i < n_mats; i++)
+        if (!check_q8(&m->mats[i], c->group_size, &spare, path, err)) return 0;
+    if (!check_q8(&m->w.token_embedding, c->group_size, &spare, path, err)) return 0;
+    if (c->shared_classifier)
+        m->w.wcls = m->w.token_embedding;
+    else if (!check_q8(&m->w.wcls, c->group_size, &spare, path, err))
+        return 0;
+    return 1;
+}
+
+/* Copies the int8 matrices into the kernels' own layout, when they have one. The copy is
+ * also the place to ask for huge pages: streamed weights then do not miss the TLB, nor stop
+ * the hardware prefetcher, every 4 KiB. */
+static int pack_weights(L2Model *m, const char *path, char *err) {
+    const Kernels *k = m->kernels;
+    int gs = m->cfg.group_size;
+    if (!k->packed_size) return 1;
+    size_t n_mats = (size_t)m->cfg.n_layers * N_KINDS, total = 0;
+    for (size_t i = 0; i <= n_mats; i++) { /* the layers' and the classifier */
+        const Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
+        size_t size = k->packed_size(w->d, w->n, gs);
+        if (!size) return 1; /* not for this group size: the kernels read the file's layout */
+        total += size;
+    }
+    if (posix_memalign(&m->packed, (size_t)1 << 21, total)) {
+        m->packed = NULL;
+        set_err(err, "%s: out of memory for the int8 weights", path);
+        return 0;
+    }
+    madvise(m->packed, total, MADV_HUGEPAGE);
+    char *at = m->packed;
+    for (size_t i = 0; i <= n_mats; i++) {
+        Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
+        k->pack_q8(at, &w->q8, w->d, w->n, gs);
+        w->q8.packed = at;
+        at += k->packed_size(w->d, w->n, gs);
+    }
+    return 1;
+}
+
+/* The physical cores this process may run on. A matmul is bound by memory bandwidth or by
+ * the vector units, and a core's second hyperthread adds neither. */
+static int physical_cores(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof(set), &set) != 0) return 1;
+    int cores = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE; cpu++) {
+        if (!CPU_ISSET(cpu, &set)) continue;
+        /* count a CPU unless a lower-numbered hyperthread sibling of it is in the set */
+        char path[96], list[256];
+        snprintf(path, sizeof(path), "/sys/devices/system/cpu/cpu%d/topology/thread_siblings_list",
+                 cpu);
+        FILE *f = fopen(path, "r");
+        int counted = 1;
+        if (f && fgets(list, sizeof(list), f)) {
+            /* a list of ids and ranges: "0,64" or "0-1" */
+            for (char *p = list; *p && counted;) {
+                char *end;
+                long lo = strtol(p, &end, 10), hi = lo;
+                if (end == p) break;
+                if (*end == '-') hi = strtol(end + 1, &end, 10);
+                for (long sib = lo < 0 ? 0 : lo; sib <= hi && sib < cpu; sib++)
+                    if (CPU_ISSET((int)sib, &set)) counted = 0;
+                p = *end ? end + 1 : end;
+            }
+        }
+        if (f) fclose(f);
+        cores += counted;
+    }
+    return cores > 0 ? cores : 1;
+}
+
+static void free_thread_buffers(ThreadBuffers *mine, int n) {
+    for (int i = 0; mine && i < n; i++) {
+        free(mine[i].xn);
+        free(mine[i].xq.q);
+        free(mine[i].xq.s);
+        free(mine[i].xq.sum);
+    }
+    free(mine);
+}
+
+/* Replaces the thread buffers with room for n_threads; on failure keeps the old ones. */
+static int alloc_thread_buffers(RunState *s, const L2Config *c, int n_threads) {
+    size_t B = c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK;
+    size_t n = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
+    ThreadBuffers *mine = calloc(n_threads, sizeof(ThreadBuffers));
+    int ok = mine != NULL;
+    for (int i = 0; ok && i < n_threads; i++) {
+        ThreadBuffers *b = &mine[i];
+        b->xn = malloc(B * c->dim * sizeof(float));
+        ok = b->xn != NULL;
+        if (ok && c->version == 2) {
+            size_t groups = n / c->group_size;
+            b->xq.q = malloc(B * n);
+            b->xq.s = malloc(B * groups * sizeof(float));
+            b->xq.sum = malloc(B * groups * sizeof(int32_t));
+            ok = b->xq.q && b->xq.s && b->xq.sum;
+        }
+    }
+    if (!ok) {
+        free_thread_buffers(mine, n_threads);
+        return 0;
+    }
+    free_thread_buffers(s->mine, s->n_mine);
+    s->mine = mine;
+    s->n_mine = n_threads;
+    return 1;
+}
+
+int l2_model_set_threads(L2Model *m, int n_threads) {
+    if (n_threads <= 0) {
+        n_threads = omp_get_max_threads(); /* OMP_NUM_THREADS, when set, decides */
+        if (!getenv("OMP_NUM_THREADS")) {
+            int cores = physical_cores();
+            if (cores < n_threads) n_threads = cores;
+        }
+    }
+    if (n_threads > m->s.n_mine && !alloc_thread_buffers(&m->s, &m->cfg, n_threads)) return -1;
+    m->n_threads = n_threads;
+    return n_threads;
 }
 
 static int alloc_state(RunState *s, const L2Config *c) {
-    size_t kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
+    size_t B = c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK;
+    size_t dim = c->dim, hidden = c->hidden_dim, head_size = dim / c->n_heads;
+    size_t kv_dim = head_size * c->n_kv_heads;
     size_t cache = (size_t)c->n_layers * c->seq_len * kv_dim;
-    s->x = calloc(c->dim, sizeof(float));
-    s->xb = calloc(c->dim, sizeof(float));
-    s->xb2 = calloc(c->dim, sizeof(float));
-    s->hb = calloc(c->hidden_dim, sizeof(float));
-    s->hb2 = calloc(c->hidden_dim, sizeof(float));
-    s->q = calloc(c->dim, sizeof(float));
+    s->x = calloc(B * dim, sizeof(float));
+    s->xb = calloc(B * dim, sizeof(float));
+    s->xb2 = calloc(B * dim, sizeof(float));
+    s->hb = calloc(B * hidden, sizeof(float));
+    s->hb2 = calloc(B * hidden, sizeof(float));
+    s->q = calloc(B * dim, sizeof(float));
+    s->rope = calloc(B * head_size, sizeof(float));
     s->att = calloc((size_t)c->n_heads * c->seq_len, sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
     s->key_cache = calloc(cache, sizeof(float));
     s->value_cache = calloc(cache, sizeof(float));
-    return s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->att && s->logits &&
-           s->key_cache && s->value_cache;
+    return s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->rope && s->att &&
+           s->logits && s->key_cache && s->value_cache;
 }
 
 static void free_state(RunState *s) {
@@ -209,10 +445,12 @@ static void free_state(RunState *s) {
     free(s->hb);
     free(s->hb2);
     free(s->q);
+    free(s->rope);
     free(s->att);
     free(s->logits);
     free(s->key_cache);
     free(s->value_cache);
+    free_thread_buffers(s->mine, s->n_mine);
 }
 
 L2Model *l2_model_open(const char *path, char *err) {
@@ -249,16 +487,27 @@ L2Model *l2_model_open(const char *path, char *err) {
     m->map_size = size;
     long header = parse_header(path, map, size, &m->cfg, err);
     if (header < 0) goto fail;
+    m->mats = calloc((size_t)m->cfg.n_layers * N_KINDS, sizeof(Mat));
+    if (!m->mats) {
+        set_err(err, "out of memory");
+        goto fail;
+    }
+    for (int k = 0; k < N_KINDS; k++) m->w.layer[k] = m->mats + (size_t)k * m->cfg.n_layers;
     uint64_t expected = (uint64_t)header + map_weights(&m->w, &m->cfg, NULL);
     if ((uint64_t)size != expected) {
         set_err(err, "%s: %zu bytes, the header implies %llu (truncated or not a model.bin)",
                 path, size, (unsigned long long)expected);
         goto fail;
     }
-    map_weights(&m->w, &m->cfg, (const float *)((const char *)map + header));
+    map_weights(&m->w, &m->cfg, (const unsigned char *)map + header);
     /* the weights are streamed front to back on every token */
     madvise(map, size, MADV_WILLNEED);
-    if (!alloc_state(&m->s, &m->cfg)) {
+    if (m->cfg.version == 2 && !check_int8_weights(m, path, err)) goto fail;
+    const char *kernel = getenv("LLAMA2ZH_KERNEL"); /* lets tests force each kernel set */
+    m->kernels = kernels_select(kernel && *kernel ? kernel : NULL, err);
+    if (!m->kernels) goto fail;
+    if (m->cfg.version == 2 && !pack_weights(m, path, err)) goto fail;
+    if (!alloc_state(&m->s, &m->cfg) || l2_model_set_threads(m, 0) < 0) {
         set_err(err, "%s: out of memory for the run state and KV cache", path);
         goto fail;
     }
@@ -271,11 +520,16 @@ fail:
 void l2_model_close(L2Model *m) {
     if (!m) return;
     free_state(&m->s);
+    free(m->mats);
+    free(m->scales);
+    free(m->packed);
     munmap(m->map, m->map_size);
     free(m);
 }
 
 const L2Config *l2_model_config(const L2Model *m) { return &m->cfg; }
+
+const char *l2_model_kernel(const L2Model *m) { return m->kernels->name; }
 
 /* ---- the forward pass ---- */
 
@@ -286,120 +540,240 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
     for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
 }
 
-/* One row of W times x; the simd reduction lets the compiler reorder the sum
- * into vector lanes, which plain -O3 may not do for floats. */
-static inline float dot(const float *restrict w, const float *restrict x, int n) {
-    float val = 0.0f;
-#pragma omp simd reduction(+ : val)
-    for (int j = 0; j < n; j++) val += w[j] * x[j];
-    return val;
-}
-
-/* xout (d) = W (d, n) @ x (n). Called inside a parallel region: the rows
- * are split among the threads already running (starting a team per matmul
- * costs more than a small matmul), and with no barrier at the end, so that
- * independent matmuls run back to back; callers put the barrier. */
-static void matmul(float *restrict xout, const float *restrict x, const float *restrict w,
-                   int n, int d) {
-#pragma omp for schedule(static) nowait
-    for (int i = 0; i < d; i++) xout[i] = dot(w + (size_t)i * n, x, n);
-}
-
-/* Rotates the pairs (2i, 2i+1) of each head of vec by pos * 10000^(-2i/head_size). */
-static void rope(float *vec, int size, int head_size, int pos) {
-    for (int i = 0; i < size; i += 2) {
-        int head_dim = i % head_size;
-        float freq = 1.0f / powf(10000.0f, head_dim / (float)head_size);
-        float val = pos * freq;
-        float fcr = cosf(val), fci = sinf(val);
-        float v0 = vec[i], v1 = vec[i + 1];
-        vec[i] = v0 * fcr - v1 * fci;
-        vec[i + 1] = v0 * fci + v1 * fcr;
+/* Attention of one query (one head of one token) over positions 0..n_pos-1: the scores
+ * into att, softmax, and the weighted sum of the values into out. Keys and values of
+ * successive positions are `stride` apart. */
+static void attend(float *out, const float *q, const float *keys, const float *values,
+                   size_t stride, int n_pos, int head_size, float *att) {
+    float scale = 1.0f / sqrtf((float)head_size);
+    int u = 0;
+    for (; u + 4 <= n_pos; u += 4) { /* four keys at a time: a horizontal sum costs much */
+        const float *k = keys + (size_t)u * stride;
+        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+        for (int i = 0; i < head_size; i++) {
+            s0 += q[i] * k[i];
+            s1 += q[i] * k[stride + i];
+            s2 += q[i] * k[2 * stride + i];
+            s3 += q[i] * k[3 * stride + i];
+        }
+        att[u] = s0 * scale;
+        att[u + 1] = s1 * scale;
+        att[u + 2] = s2 * scale;
+        att[u + 3] = s3 * scale;
+    }
+    for (; u < n_pos; u++) {
+        const float *k = keys + (size_t)u * stride;
+        float s0 = 0.0f;
+#pragma omp simd reduction(+ : s0)
+        for (int i = 0; i < head_size; i++) s0 += q[i] * k[i];
+        att[u] = s0 * scale;
+    }
+    softmax(att, n_pos);
+    memset(out, 0, head_size * sizeof(float));
+    for (u = 0; u < n_pos; u++) {
+        const float *v = values + (size_t)u * stride;
+        float a = att[u];
+#pragma omp simd
+        for (int i = 0; i < head_size; i++) out[i] += a * v[i];
     }
 }
 
-float *l2_model_forward(L2Model *m, int token, int pos, char *err) {
+/* For int8 weights, quantizes x (T rows of n) into this thread's buffer; NULL for float32. */
+static const Q8Act *quantize_mine(const L2Model *m, const float *x, int T, int n) {
+    if (m->cfg.version != 2) return NULL;
+    int gs = m->cfg.group_size;
+    const Q8Act *xq = &m->s.mine[omp_get_thread_num()].xq;
+    for (int t = 0; t < T; t++)
+        quantize_q8(xq->q + (size_t)t * n, xq->s + (size_t)t * (n / gs),
+                    xq->sum + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
+    return xq;
+}
+
+/* rmsnorm of rows t0..T-1 of x into this thread's buffer (row t at row t - t0). */
+static const float *norm_mine(const L2Model *m, const float *weight, int t0, int T) {
+    int dim = m->cfg.dim;
+    float *xn = m->s.mine[omp_get_thread_num()].xn;
+    for (int t = t0; t < T; t++)
+        rmsnorm(xn + (size_t)(t - t0) * dim, m->s.x + (size_t)t * dim, weight, dim);
+    return xn;
+}
+
+/* x += add, rows r0..r1-1 of each of T tokens: a matmul's output, on the rows that this
+ * thread computed. */
+static void residual(float *x, const float *add, int T, int dim, int r0, int r1) {
+    for (int t = 0; t < T; t++)
+        for (int i = r0; i < r1; i++) x[(size_t)t * dim + i] += add[(size_t)t * dim + i];
+}
+
+/* out (T, w->d) = x (T, w->n) @ W^T, for this thread's share of the rows, which it returns
+ * in r0..r1-1 (contiguous, starting at a multiple of KERNEL_ROWS, so also even). Called
+ * inside a parallel region: the threads already running split the rows (starting a team
+ * per matmul costs more than a small matmul), with no barrier at the end, so that what
+ * follows on the same rows needs none either; callers put the barriers. */
+static void matmul(const L2Model *m, float *out, const float *x, const Q8Act *xq, int T,
+                   const Mat *w, int *r0, int *r1) {
+    int n_threads = omp_get_num_threads(), id = omp_get_thread_num();
+    *r0 = (int)((long long)w->d * id / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
+    *r1 = id == n_threads - 1
+              ? w->d
+              : (int)((long long)w->d * (id + 1) / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
+    if (*r0 >= *r1) return;
+    if (w->q8.q)
+        m->kernels->matmul_q8(out, xq, &w->q8, T, w->n, w->d, m->cfg.group_size, *r0, *r1);
+    else
+        m->kernels->matmul_f32(out, x, w->f, T, w->n, w->d, *r0, *r1);
+}
+
+/* Rotates the pairs (2i, 2i+1), r0 <= 2i < r1, of vec (heads of head_size) by the angles
+ * whose cos and sin are the pairs of cs (head_size values). */
+static void rope(float *vec, int r0, int r1, int head_size, const float *cs) {
+    for (int i = r0; i < r1; i += 2) {
+        const float *c = cs + i % head_size;
+        float v0 = vec[i], v1 = vec[i + 1];
+        vec[i] = v0 * c[0] - v1 * c[1];
+        vec[i + 1] = v0 * c[1] + v1 * c[0];
+    }
+}
+
+static void embed(const L2Model *m, float *x, int token) {
+    const Mat *e = &m->w.token_embedding;
+    size_t row = (size_t)token * e->n;
+    if (e->f) {
+        memcpy(x, e->f + row, e->n * sizeof(float));
+        return;
+    }
+    int gs = m->cfg.group_size;
+    for (int j = 0; j < e->n; j++) x[j] = e->q8.q[row + j] * e->q8.s[(row + j) / gs];
+}
+
+/* Runs tokens[0..T) (T <= PREFILL_CHUNK) at positions pos..pos+T-1, and writes the logits
+ * of tokens first..T-1 to out ((T - first) rows of vocab_size). */
+static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int first, float *out) {
     const L2Config *p = &m->cfg;
     const Weights *w = &m->w;
     RunState *s = &m->s;
-    if (token < 0 || token >= p->vocab_size) {
-        set_err(err, "token %d is out of range (vocab_size %d)", token, p->vocab_size);
-        return NULL;
-    }
-    if (pos < 0 || pos >= p->seq_len) {
-        set_err(err, "position %d is out of range (seq_len %d)", pos, p->seq_len);
-        return NULL;
-    }
     int dim = p->dim, hidden_dim = p->hidden_dim;
     int head_size = dim / p->n_heads;
     int kv_dim = head_size * p->n_kv_heads;
     int kv_mul = p->n_heads / p->n_kv_heads; /* query heads sharing one kv head */
-    float *x = s->x;
 
-    memcpy(x, w->token_embedding + (size_t)token * dim, dim * sizeof(float));
-
-#pragma omp parallel
-    for (int l = 0; l < p->n_layers; l++) {
-        size_t loff = (size_t)l * p->seq_len * kv_dim; /* this layer's KV cache */
-        float *k = s->key_cache + loff + (size_t)pos * kv_dim;
-        float *v = s->value_cache + loff + (size_t)pos * kv_dim;
-
-#pragma omp single
-        rmsnorm(s->xb, x, w->rms_att + (size_t)l * dim, dim);
-        matmul(s->q, s->xb, w->wq + (size_t)l * dim * dim, dim, dim);
-        matmul(k, s->xb, w->wk + (size_t)l * kv_dim * dim, dim, kv_dim);
-        matmul(v, s->xb, w->wv + (size_t)l * kv_dim * dim, dim, kv_dim);
-#pragma omp barrier
-#pragma omp single
-        {
-            rope(s->q, dim, head_size, pos);
-            rope(k, kv_dim, head_size, pos);
+    for (int t = 0; t < T; t++) {
+        embed(m, s->x + (size_t)t * dim, tokens[t]);
+        /* RoPE angles: the same for every head and layer */
+        for (int i = 0; i < head_size; i += 2) {
+            float freq = 1.0f / powf(10000.0f, i / (float)head_size);
+            float val = (pos + t) * freq;
+            s->rope[(size_t)t * head_size + i] = cosf(val);
+            s->rope[(size_t)t * head_size + i + 1] = sinf(val);
         }
-
-        /* multi-head attention over positions 0..pos, one head per iteration */
-#pragma omp for schedule(static)
-        for (int h = 0; h < p->n_heads; h++) {
-            const float *q = s->q + h * head_size;
-            float *att = s->att + (size_t)h * p->seq_len;
-            size_t hoff = loff + (size_t)(h / kv_mul) * head_size;
-            float scale = 1.0f / sqrtf((float)head_size);
-            for (int t = 0; t <= pos; t++)
-                att[t] = dot(s->key_cache + hoff + (size_t)t * kv_dim, q, head_size) * scale;
-            softmax(att, pos + 1);
-            float *xb = s->xb + h * head_size;
-            memset(xb, 0, head_size * sizeof(float));
-            for (int t = 0; t <= pos; t++) {
-                const float *vt = s->value_cache + hoff + (size_t)t * kv_dim;
-                float a = att[t];
-                for (int i = 0; i < head_size; i++) xb[i] += a * vt[i];
-            }
-        }
-
-        matmul(s->xb2, s->xb, w->wo + (size_t)l * dim * dim, dim, dim);
-#pragma omp barrier
-#pragma omp single
-        {
-            for (int i = 0; i < dim; i++) x[i] += s->xb2[i]; /* residual */
-            rmsnorm(s->xb, x, w->rms_ffn + (size_t)l * dim, dim);
-        }
-
-        /* SwiGLU: w2(silu(w1 x) * w3 x) */
-        matmul(s->hb, s->xb, w->w1 + (size_t)l * hidden_dim * dim, dim, hidden_dim);
-        matmul(s->hb2, s->xb, w->w3 + (size_t)l * hidden_dim * dim, dim, hidden_dim);
-#pragma omp barrier
-#pragma omp for schedule(static)
-        for (int i = 0; i < hidden_dim; i++) {
-            float val = s->hb[i];
-            s->hb[i] = val * (1.0f / (1.0f + expf(-val))) * s->hb2[i];
-        }
-        matmul(s->xb, s->hb, w->w2 + (size_t)l * dim * hidden_dim, hidden_dim, dim);
-#pragma omp barrier
-#pragma omp single
-        for (int i = 0; i < dim; i++) x[i] += s->xb[i]; /* residual */
     }
 
-    rmsnorm(x, x, w->rms_final, dim);
-#pragma omp parallel
-    matmul(s->logits, x, w->wcls, dim, p->vocab_size);
-    return s->logits;
+    /* Each thread normalises (and quantizes) the whole input of a matmul for itself, then
+     * computes its share of the rows and whatever follows on those rows alone (RoPE, SwiGLU,
+     * the residual): five barriers per layer. */
+#pragma omp parallel num_threads(m->n_threads)
+    {
+        int r0, r1;
+        const float *xn;
+        const Q8Act *xq;
+        for (int l = 0; l < p->n_layers; l++) {
+            size_t loff = (size_t)l * p->seq_len * kv_dim; /* this layer's KV cache */
+            float *k = s->key_cache + loff + (size_t)pos * kv_dim;
+            float *v = s->value_cache + loff + (size_t)pos * kv_dim;
+
+            /* q, k (both rotated) and v */
+            xn = norm_mine(m, w->rms_att + (size_t)l * dim, 0, T);
+            xq = quantize_mine(m, xn, T, dim);
+            matmul(m, s->q, xn, xq, T, &w->layer[WQ][l], &r0, &r1);
+            for (int t = 0; t < T; t++)
+                rope(s->q + (size_t)t * dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
+            matmul(m, k, xn, xq, T, &w->layer[WK][l], &r0, &r1);
+            for (int t = 0; t < T; t++)
+                rope(k + (size_t)t * kv_dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
+            matmul(m, v, xn, xq, T, &w->layer[WV][l], &r0, &r1);
+#pragma omp barrier
+
+            /* causal multi-head attention, one head per iteration: token t sees 0..pos+t */
+#pragma omp for schedule(static)
+            for (int h = 0; h < p->n_heads; h++) {
+                size_t hoff = loff + (size_t)(h / kv_mul) * head_size;
+                for (int t = 0; t < T; t++)
+                    attend(s->xb + (size_t)t * dim + h * head_size,
+                           s->q + (size_t)t * dim + h * head_size, s->key_cache + hoff,
+                           s->value_cache + hoff, kv_dim, pos + t + 1, head_size,
+                           s->att + (size_t)h * p->seq_len);
+            }
+            xq = quantize_mine(m, s->xb, T, dim);
+            matmul(m, s->xb2, s->xb, xq, T, &w->layer[WO][l], &r0, &r1);
+            residual(s->x, s->xb2, T, dim, r0, r1);
+#pragma omp barrier
+
+            /* SwiGLU: w2(silu(w1 x) * w3 x) */
+            xn = norm_mine(m, w->rms_ffn + (size_t)l * dim, 0, T);
+            xq = quantize_mine(m, xn, T, dim);
+            matmul(m, s->hb, xn, xq, T, &w->layer[W1][l], &r0, &r1);
+            matmul(m, s->hb2, xn, xq, T, &w->layer[W3][l], &r0, &r1);
+            for (int t = 0; t < T; t++) {
+                float *hb = s->hb + (size_t)t * hidden_dim, *hb2 = s->hb2 + (size_t)t * hidden_dim;
+                for (int i = r0; i < r1; i++) hb[i] = hb[i] * (1.0f / (1.0f + expf(-hb[i]))) * hb2[i];
+            }
+#pragma omp barrier
+            xq = quantize_mine(m, s->hb, T, hidden_dim);
+            matmul(m, s->xb2, s->hb, xq, T, &w->layer[W2][l], &r0, &r1);
+            residual(s->x, s->xb2, T, dim, r0, r1);
+#pragma omp barrier
+        }
+
+        xn = norm_mine(m, w->rms_final, first, T);
+        xq = quantize_mine(m, xn, T - first, dim);
+        matmul(m, out, xn, xq, T - first, &w->wcls, &r0, &r1);
+    }
+}
+
+static int check_range(const L2Model *m, const int *tokens, int n, int pos, char *err) {
+    const L2Config *p = &m->cfg;
+    for (int i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= p->vocab_size) {
+            set_err(err, "token %d is out of range (vocab_size %d)", tokens[i], p->vocab_size);
+            return 0;
+        }
+    }
+    if (pos < 0 || pos >= p->seq_len) {
+        set_err(err, "position %d is out of range (seq_len %d)", pos, p->seq_len);
+        return 0;
+    }
+    if (n > p->seq_len - pos) {
+        set_err(err, "positions %d..%lld are out of range (seq_len %d)", pos,
+                (long long)pos + n - 1, p->seq_len);
+        return 0;
+    }
+    return 1;
+}
+
+float *l2_model_forward(L2Model *m, int token, int pos, char *err) {
+    if (!check_range(m, &token, 1, pos, err)) return NULL;
+    forward_batch(m, &token, 1, pos, 0, m->s.logits);
+    return m->s.logits;
+}
+
+float *l2_model_prefill(L2Model *m, const int *tokens, int n, int pos, float *all_logits,
+                        char *err) {
+    if (!tokens || n < 1) {
+        set_err(err, "prefill needs at least one token");
+        return NULL;
+    }
+    if (!check_range(m, tokens, n, pos, err)) return NULL;
+    size_t vocab = m->cfg.vocab_size;
+    for (int done = 0; done < n;) {
+        int T = n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK;
+        if (all_logits)
+            forward_batch(m, tokens + done, T, pos + done, 0, all_logits + done * vocab);
+        else /* only the last token's logits: the classifier is the biggest matmul */
+            forward_batch(m, tokens + done, T, pos + done, done + T == n ? T - 1 : T,
+                          m->s.logits);
+        done += T;
+    }
+    if (all_logits) memcpy(m->s.logits, all_logits + (n - 1) * vocab, vocab * sizeof(float));
+    return m->s.logits;
 }

@@ -1,10 +1,18 @@
-"""`make bench`, decode part: the C engine against PyTorch, measured in the same run.
+"""`make bench`, decode part: the C engine's decode and prefill speed, fp32 and int8, against
+PyTorch, measured in the same run.
 
-Random models of llama2.c's 15M shape (dim 288, 6 layers) with the 32000- and 55296-piece
-vocabs, fp32 (model.bin v1). For each: `./run -t 0 -n 256` (the achieved tok/s it reports,
-best of several runs) and PyTorch's KV-cached generate() on the same weights and thread
-count (the embeddings of <unk>, BOS and EOS shrunk so that greedy decoding does not stop early). This
-machine is shared and noisy, so the ratio is the figure to trust.
+Random models of llama2.c's 15M, 42M and 110M shapes with the 32000- and 55296-piece vocabs,
+written as model.bin v1 (float32) and v2 (int8, Q8_0 groups). For each, at 1 and 2 threads:
+
+  decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of a few runs);
+  prefill  a 128-token prompt through l2_model_prefill (the binding), tokens / second;
+  PyTorch  generate() of 256 tokens (KV-cached) and one forward pass over the prompt.
+
+"fp32 plain" is the C engine's portable kernel (the C loops, as the compiler vectorises them
+for this CPU: the engine's fp32 path before the SIMD kernels); the other C rows use the
+kernels this CPU runs best. The embeddings of <unk>, BOS and EOS are shrunk so that greedy
+decoding does not stop early. This machine is shared and noisy: trust the ratios, which
+compare runs made minutes apart, more than the absolute figures.
 """
 
 from __future__ import annotations
@@ -14,19 +22,37 @@ import os
 import re
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from llama2zh.engine import run_binary
+from llama2zh.engine import CModel, run_binary
 from llama2zh.export import write_model_bin
 from llama2zh.model import ModelArgs, Transformer
 from llama2zh.paths import ROOT
 from llama2zh.vocab.export import write_tokenizer_bin
 
-SHAPE_15M = dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, max_seq_len=256)
+SHAPES = {  # llama2.c's, with its repeats here: the big ones are slow to run
+    "15M": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, max_seq_len=256), 3),
+    "42M": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376, max_seq_len=1024), 2),
+    "110M": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, max_seq_len=1024), 1),
+}
 VOCABS = (32000, 55296)
 STEPS = 256
+PROMPT = 128
+THREADS = (1, 2)
+
+
+@dataclass
+class Row:
+    shape: str
+    vocab: int
+    weights: str  # what runs: "fp32 plain", "fp32 avx512", "int8 v2 avx512", "PyTorch fp32"
+    megabytes: float
+    threads: int
+    decode: float
+    prefill: float
 
 
 def id_tokenizer(vocab_size: int, path: Path) -> Path:
@@ -37,52 +63,121 @@ def id_tokenizer(vocab_size: int, path: Path) -> Path:
     return write_tokenizer_bin(data, path)
 
 
-def c_tokens_per_second(model_bin: Path, tokenizer_bin: Path, threads: int, repeats: int) -> tuple[float, int]:
-    """Best achieved tok/s over repeats of `./run -t 0 -n 256`, and how many tokens it printed."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    best, count = 0.0, 0
+def random_model(shape: dict, vocab_size: int) -> Transformer:
+    model = Transformer(ModelArgs(vocab_size=vocab_size, **shape))
+    model.init_weights(torch.Generator().manual_seed(0))
+    with torch.no_grad():  # a random tied model repeats its input: keep it from repeating BOS
+        model.tok_embeddings.weight[0:3] *= 0.1
+    return model
+
+
+def c_decode(model_bin: Path, tokenizer_bin: Path, kernel: str | None, threads: int, repeats: int) -> float:
+    """Best achieved tok/s over repeats of `./run -t 0 -n 256`; checks that all 256 came out."""
+    env = {k: v for k, v in os.environ.items() if k != "LLAMA2ZH_KERNEL"}
+    env.update(OMP_NUM_THREADS=str(threads), **({"LLAMA2ZH_KERNEL": kernel} if kernel else {}))
+    best = 0.0
     for _ in range(repeats):
         result = subprocess.run([str(run_binary()), str(model_bin), "-k", str(tokenizer_bin), "-t", "0",
                                  "-n", str(STEPS), "-i", ""], capture_output=True, text=True, env=env, check=True)
+        if result.stdout.count("[") != STEPS:
+            raise RuntimeError(f"{model_bin}: greedy decoding stopped after {result.stdout.count('[')} tokens")
         best = max(best, float(re.search(r"achieved tok/s: ([\d.]+)", result.stderr).group(1)))
-        count = result.stdout.count("[")
-    return best, count
-
-
-def torch_tokens_per_second(model: Transformer, threads: int, repeats: int) -> float:
-    torch.set_num_threads(threads)
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        n = len(model.generate([1], STEPS, temperature=0.0))
-        best = max(best, n / (time.perf_counter() - start))
     return best
+
+
+def open_with_kernel(model_bin: Path, kernel: str | None) -> CModel:
+    """The model in this process, with LLAMA2ZH_KERNEL set to kernel (None: the best) while it opens."""
+    saved = os.environ.pop("LLAMA2ZH_KERNEL", None)
+    if kernel:
+        os.environ["LLAMA2ZH_KERNEL"] = kernel
+    try:
+        return CModel(model_bin)
+    finally:
+        os.environ.pop("LLAMA2ZH_KERNEL", None)
+        if saved is not None:
+            os.environ["LLAMA2ZH_KERNEL"] = saved
+
+
+def c_prefill(model_bin: Path, kernel: str | None, threads: int, repeats: int) -> tuple[float, str]:
+    """Best tok/s over repeats of a 128-token prefill, and the kernel set that ran it."""
+    model = open_with_kernel(model_bin, kernel)
+    model.set_threads(threads)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first also warms the caches
+        start = time.perf_counter()
+        model.prefill(prompt_ids(model.vocab_size), all_logits=False)
+        best = min(best, time.perf_counter() - start)
+    return PROMPT / best, model.kernel
+
+
+def prompt_ids(vocab_size: int) -> list[int]:
+    """BOS, then PROMPT - 1 ids spread over the vocab."""
+    return [1] + [3 + (i * 7919) % (vocab_size - 3) for i in range(PROMPT - 1)]
+
+
+def torch_rates(model: Transformer, threads: int, repeats: int) -> tuple[float, float]:
+    """PyTorch's decode tok/s (generate, 256 tokens) and prefill tok/s (one forward pass)."""
+    torch.set_num_threads(threads)
+    prompt = torch.tensor([prompt_ids(model.args.vocab_size)])
+    decode, prefill = 0.0, 0.0
+    with torch.inference_mode():
+        for _ in range(repeats):
+            start = time.perf_counter()
+            n = len(model.generate([1], STEPS, temperature=0.0))
+            decode = max(decode, n / (time.perf_counter() - start))
+            start = time.perf_counter()
+            model(prompt)
+            prefill = max(prefill, PROMPT / (time.perf_counter() - start))
+    return decode, prefill
+
+
+def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: float) -> list[Row]:
+    shape, repeats = SHAPES[name]
+    repeats = max(1, round(repeats * repeats_scale))
+    model = random_model(shape, vocab)
+    fp32 = write_model_bin(model, work / f"{name}_{vocab}_v1.bin", 1)
+    int8 = write_model_bin(model, work / f"{name}_{vocab}_v2.bin", 2)
+    tokenizer = id_tokenizer(vocab, work / f"ids{vocab}.bin")
+    rows = []
+    for threads in threads_list:
+        for label, path, kernel in (("fp32 plain", fp32, "portable"), ("fp32", fp32, None), ("int8 v2", int8, None)):
+            decode = c_decode(path, tokenizer, kernel, threads, repeats)
+            prefill, used = c_prefill(path, kernel, threads, repeats)
+            label = label if kernel else f"{label} {used}"
+            rows.append(Row(name, vocab, label, path.stat().st_size / 1e6, threads, decode, prefill))
+        decode, prefill = torch_rates(model, threads, repeats)
+        rows.append(Row(name, vocab, "PyTorch fp32", fp32.stat().st_size / 1e6, threads, decode, prefill))
+        print(f"  {name} vocab {vocab}, {threads} thread(s): done", flush=True)
+    return rows
+
+
+def table(rows: list[Row]) -> str:
+    plain = {(r.shape, r.vocab, r.threads): r.decode for r in rows if r.weights == "fp32 plain"}
+    lines = ["| shape | vocab | weights | model.bin MB | threads | decode tok/s | decode vs fp32 plain "
+             "| prefill tok/s | prefill / decode |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r.decode / plain[(r.shape, r.vocab, r.threads)]
+        lines.append(f"| {r.shape} | {r.vocab} | {r.weights} | {r.megabytes:.0f} | {r.threads} | {r.decode:.0f} "
+                     f"| {ratio:.2f}x | {r.prefill:.0f} | {r.prefill / r.decode:.1f}x |")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
+    parser.add_argument("--vocabs", nargs="+", type=int, default=list(VOCABS))
+    parser.add_argument("--threads", nargs="+", type=int, default=list(THREADS))
+    parser.add_argument("--repeats", type=float, default=1.0, help="scales each shape's number of repeats")
     args = parser.parse_args()
     work = ROOT / "build" / "bench"
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for vocab in VOCABS:
-        model = Transformer(ModelArgs(vocab_size=vocab, **SHAPE_15M))
-        model.init_weights(torch.Generator().manual_seed(0))
-        with torch.no_grad():  # a random tied model repeats its input: keep it from repeating BOS
-            model.tok_embeddings.weight[0:3] *= 0.1
-        model_bin = write_model_bin(model, work / f"15M_v{vocab}.bin", 1)
-        tokenizer_bin = id_tokenizer(vocab, work / f"ids{vocab}.bin")
-        c_rate, count = c_tokens_per_second(model_bin, tokenizer_bin, args.threads, args.repeats)
-        torch_rate = torch_tokens_per_second(model, args.threads, args.repeats)
-        weights_mb = model_bin.stat().st_size / 1e6
-        rows.append((vocab, weights_mb, count, c_rate, torch_rate))
-    print(f"decode, 15M shape, fp32, {args.threads} threads, {STEPS} greedy steps, best of {args.repeats}")
-    print("| vocab | model.bin MB | tokens | C run tok/s | PyTorch tok/s | C / PyTorch |")
-    print("|---|---|---|---|---|---|")
-    for vocab, mb, count, c_rate, torch_rate in rows:
-        print(f"| {vocab} | {mb:.0f} | {count} | {c_rate:.0f} | {torch_rate:.0f} | {c_rate / torch_rate:.2f}x |")
+    for name in args.shapes:
+        for vocab in args.vocabs:
+            rows += bench_model(name, vocab, work, args.threads, args.repeats)
+    print(f"\ndecode: {STEPS} greedy steps from BOS (`./run`, best of a few); prefill: a {PROMPT}-token prompt; "
+          "random weights")
+    print(table(rows))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pathlib import Path
 from llama2zh.config import ConfigError, load_config
 from llama2zh.errors import UserError
 
-EXPORT_VERSIONS = (0, 1)
+EXPORT_VERSIONS = (0, 1, 2)
 TRANSLATE_BACKENDS = ("google", "mymemory")  # corpus.client.BACKENDS; named here to spare deep-translator's import
 
 
@@ -62,7 +62,10 @@ def cmd_init(args, overrides: list[str]) -> int:
 
 def cmd_export(args, overrides: list[str]) -> int:
     from llama2zh.checkpoint import load_checkpoint
-    from llama2zh.export import read_model_bin, write_model_bin
+    from llama2zh.export import default_group_size, divides_inner_dims, read_model_bin, write_model_bin
+
+    if args.group_size is not None and args.version != 2:
+        raise ConfigError("--group-size applies to --version 2 only")
 
     source: Path = args.source
     if source.is_dir():
@@ -73,8 +76,15 @@ def cmd_export(args, overrides: list[str]) -> int:
             raise ConfigError("converting a .bin needs --out OUT.bin")
         model = read_model_bin(source)
         out = args.out
-    write_model_bin(model, out, version=args.version)
-    print(f"wrote {out} (version {args.version}, {out.stat().st_size:,} bytes)")
+    group_size = args.group_size
+    if args.version == 2 and group_size is None:
+        group_size = default_group_size(model.args)
+    write_model_bin(model, out, version=args.version, group_size=group_size)
+    detail = f", group size {group_size}" if args.version == 2 else ""
+    print(f"wrote {out} (version {args.version}{detail}, {out.stat().st_size:,} bytes)")
+    if args.version == 2 and not divides_inner_dims(model.args, group_size):
+        print(f"warning: group size {group_size} does not divide dim {model.args.dim} and hidden_dim "
+              f"{model.args.hidden_dim}: ./run rejects this file", file=sys.stderr)
     return 0
 
 
@@ -231,6 +241,8 @@ def build_parser() -> Parser:
     p = commands.add_parser("export", help="write model.bin from a run, or convert a .bin between versions")
     p.add_argument("source", type=Path, metavar="out/RUN|IN.bin")
     p.add_argument("--version", type=int, choices=EXPORT_VERSIONS, default=1)
+    p.add_argument("--group-size", type=int, metavar="N",
+                   help="v2: values per int8 group (default 64, halved until it divides dim and hidden_dim)")
     p.add_argument("--out", type=Path, help="output file (default out/RUN/model.bin)")
     p.set_defaults(func=cmd_export)
 

@@ -128,7 +128,7 @@ class CTokenizer:
 
 
 class CModel:
-    """model.bin, run by the C engine's fp32 forward pass."""
+    """model.bin (any version), run by the C engine's forward pass."""
 
     def __init__(self, path: str | os.PathLike):
         err = _err_buffer()
@@ -143,12 +143,37 @@ class CModel:
     def vocab_size(self) -> int:
         return self.config["vocab_size"]
 
+    @property
+    def kernel(self) -> str:
+        """The matmul kernel set in use ("portable", "avx2", "avx512"; LLAMA2ZH_KERNEL picks one)."""
+        return ffi.string(lib().l2_model_kernel(self._handle)).decode()
+
+    def set_threads(self, n: int) -> int:
+        """Threads for the forward pass (0: the default); returns the count in use."""
+        count = lib().l2_model_set_threads(self._handle, n)
+        if count < 0:
+            raise EngineError("out of memory for the thread buffers")
+        return count
+
     def forward(self, token: int, pos: int) -> np.ndarray:
         """Logits (float32, shape (vocab,)) for token at pos; positions must come in order."""
         err = _err_buffer()
         logits = lib().l2_model_forward(self._handle, token, pos, err)
         if logits == ffi.NULL:
             _raise(err)
+        return np.frombuffer(ffi.buffer(logits, 4 * self.vocab_size), dtype=np.float32).copy()
+
+    def prefill(self, tokens: list[int], pos: int = 0, all_logits: bool = True) -> np.ndarray:
+        """tokens run as a batch at positions pos..: the logits of each (float32, shape
+        (len(tokens), vocab)), or with all_logits False only the last one's (vocab,)."""
+        err = _err_buffer()
+        out = np.empty((len(tokens), self.vocab_size), dtype=np.float32) if all_logits else None
+        logits = lib().l2_model_prefill(self._handle, ffi.new("int[]", list(map(int, tokens))), len(tokens), pos,
+                                        ffi.cast("float *", ffi.from_buffer(out)) if all_logits else ffi.NULL, err)
+        if logits == ffi.NULL:
+            _raise(err)
+        if all_logits:
+            return out
         return np.frombuffer(ffi.buffer(logits, 4 * self.vocab_size), dtype=np.float32).copy()
 
     def generate(self, tokenizer: CTokenizer, prompt: str, steps: int, temperature: float = 0.0,

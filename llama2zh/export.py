@@ -6,9 +6,16 @@ v0 "legacy": seven int32 (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_
 v1: a 256-byte header (uint32 magic "ak42", int32 version 1, the same seven int32 with a
     positive vocab_size, uint8 shared_classifier, zero padding), then float32 tensors in
     llama2.c's export.py order.
+v2: the v1 header with version 2 and, right after the shared_classifier byte (offset 37,
+    unaligned, as llama2.c packs it), int32 group_size; then the norms in float32, then each
+    weight matrix (embedding, each kind of layer matrix for all layers, the classifier when
+    unshared) as int8 values followed by their float32 scales, one per group of group_size
+    consecutive values: Q8_0, symmetric, scale = max|w| / 127 (llama2.c's export.py
+    version2_export).
 
 Each writer has a reader, so a .bin loads back into the PyTorch model; write -> read ->
-write gives the same bytes. Writes are atomic.
+write gives the same bytes (v2: the reader dequantizes; re-quantizing reproduces the int8
+values, and the scales to within a rounding of the last bit). Writes are atomic.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ MAGIC = 0x616B3432  # "ak42", llama2.c's
 V1_HEADER_SIZE = 256
 V0_HEADER = struct.Struct("<7i")
 V1_HEADER = struct.Struct("<Ii7iB")
-VERSIONS = (0, 1)
+V2_GROUP = struct.Struct("<i")  # at offset V1_HEADER.size, unaligned
+VERSIONS = (0, 1, 2)
+DEFAULT_GROUP_SIZE = 64
 
 
 @dataclass
@@ -37,6 +46,7 @@ class BinHeader:
     version: int
     args: ModelArgs
     offset: int  # where the tensors start
+    group_size: int = 0  # v2 only
 
 
 def _per_layer(model: Transformer, *names: str) -> list[torch.Tensor]:
@@ -68,23 +78,89 @@ def _v1_tensors(model: Transformer) -> list[torch.Tensor]:
     return tensors
 
 
+def _v2_norms(model: Transformer) -> list[torch.Tensor]:
+    return _per_layer(model, "attention_norm.weight", "ffn_norm.weight") + [model.norm.weight]
+
+
+def _v2_matrices(model: Transformer) -> list[torch.Tensor]:
+    """llama2.c export.py's version-2 order of the quantized weights."""
+    tensors = [model.tok_embeddings.weight]
+    tensors += _per_layer(model, "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+                          "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
+                          "feed_forward.w3.weight")
+    if not model.args.shared_classifier:
+        tensors.append(model.output.weight)
+    return tensors
+
+
+def default_group_size(args: ModelArgs) -> int:
+    """64, halved until it divides dim and hidden_dim, the inner dimension of every matrix.
+
+    llama2.c's export halves only until it divides dim; the C engine quantizes activations in
+    the same groups, so it needs both (llama2.c's runq silently drops the rest of a row).
+    """
+    group_size = DEFAULT_GROUP_SIZE
+    while args.dim % group_size or args.hidden_dim % group_size:
+        group_size //= 2
+    return group_size
+
+
+def divides_inner_dims(args: ModelArgs, group_size: int) -> bool:
+    """Whether the C engine can run a v2 file of this group size."""
+    return args.dim % group_size == 0 and args.hidden_dim % group_size == 0
+
+
+def _check_group_size(args: ModelArgs, group_size: int, numels: list[int], what: str) -> None:
+    # llama2.c's rule: a group never straddles two tensors
+    if group_size <= 0:
+        raise UserError(f"{what}: group size must be positive, got {group_size}")
+    bad = next((n for n in numels if n % group_size), None)
+    if bad is not None:
+        raise UserError(f"{what}: group size {group_size} does not divide a weight of {bad} values "
+                        f"(dim {args.dim}, hidden_dim {args.hidden_dim})")
+
+
+def quantize_q80(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 as llama2.c's export.py computes it: int8 values in [-127, 127] and a float32 scale
+    per group of group_size consecutive values, w ~= value * scale. An all-zero group gets
+    scale 0 and values 0 (llama2.c would divide 0 by 0)."""
+    w = w.detach().to("cpu", torch.float32).reshape(-1, group_size)
+    scale = torch.abs(w).max(dim=1).values / 127.0
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    values = torch.where(scale[:, None] > 0, torch.round(w / safe[:, None]), torch.zeros_like(w))
+    return values.to(torch.int8), scale
+
+
+def dequantize_q80(values: np.ndarray, scales: np.ndarray, group_size: int) -> torch.Tensor:
+    grouped = values.astype(np.float32).reshape(-1, group_size) * scales[:, None]
+    return torch.from_numpy(grouped.reshape(-1))
+
+
 def _header_ints(args: ModelArgs, vocab_size: int) -> tuple[int, ...]:
     return (args.dim, args.hidden_dim, args.n_layers, args.n_heads, args.n_kv_heads, vocab_size,
             args.max_seq_len)
 
 
-def encode_header(args: ModelArgs, version: int) -> bytes:
+def encode_header(args: ModelArgs, version: int, group_size: int = 0) -> bytes:
     if version == 0:
         vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
         return V0_HEADER.pack(*_header_ints(args, vocab))
-    if version == 1:
-        head = V1_HEADER.pack(MAGIC, 1, *_header_ints(args, args.vocab_size), int(args.shared_classifier))
+    if version in (1, 2):
+        head = V1_HEADER.pack(MAGIC, version, *_header_ints(args, args.vocab_size), int(args.shared_classifier))
+        if version == 2:
+            head += V2_GROUP.pack(group_size)
         return head + b"\0" * (V1_HEADER_SIZE - len(head))
     raise UserError(f"cannot write model.bin version {version}: supported versions are {VERSIONS}")
 
 
-def write_model_bin(model: Transformer, path: str | Path, version: int = 1) -> Path:
-    """Writes model as a llama2.c model.bin of the given version."""
+def write_model_bin(model: Transformer, path: str | Path, version: int = 1, group_size: int | None = None) -> Path:
+    """Writes model as a llama2.c model.bin of the given version.
+
+    group_size (v2 only): None picks default_group_size; another value must divide every
+    weight's size (llama2.c's rule), and the C engine also needs it to divide dim and hidden_dim.
+    """
+    if version == 2:
+        return _write_v2(model, path, default_group_size(model.args) if group_size is None else group_size)
     tensors = _v0_tensors(model) if version == 0 else _v1_tensors(model)
     header = encode_header(model.args, version)
 
@@ -92,6 +168,23 @@ def write_model_bin(model: Transformer, path: str | Path, version: int = 1) -> P
         yield header
         for t in tensors:
             yield t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+
+    return atomic_write_bytes(path, chunks())
+
+
+def _write_v2(model: Transformer, path: str | Path, group_size: int) -> Path:
+    matrices = _v2_matrices(model)
+    _check_group_size(model.args, group_size, [t.numel() for t in matrices], str(path))
+    header = encode_header(model.args, 2, group_size)
+
+    def chunks():
+        yield header
+        for t in _v2_norms(model):
+            yield t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        for t in matrices:
+            values, scales = quantize_q80(t, group_size)
+            yield values.numpy().tobytes()
+            yield scales.numpy().tobytes()
 
     return atomic_write_bytes(path, chunks())
 
@@ -117,13 +210,18 @@ def read_header(path: str | Path) -> BinHeader:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     if len(head) >= 8 and struct.unpack_from("<I", head)[0] == MAGIC:
         version = struct.unpack_from("<i", head, 4)[0]
-        if version != 1:
-            raise UserError(f"{path}: unsupported model.bin version {version} (this build reads 0 and 1)")
+        if version not in (1, 2):
+            raise UserError(f"{path}: unsupported model.bin version {version} (this build reads 0, 1 and 2)")
         if len(head) < V1_HEADER_SIZE:
             raise UserError(f"{path}: truncated header")
         fields = V1_HEADER.unpack_from(head)
+        if fields[9] > 1:
+            raise UserError(f"{path}: bad header: shared_classifier flag is {fields[9]}, not 0 or 1")
         args = _parse_args(fields[2:9], bool(fields[9]), str(path))
-        header = BinHeader(1, args, V1_HEADER_SIZE)
+        header = BinHeader(version, args, V1_HEADER_SIZE)
+        if version == 2:
+            header.group_size = V2_GROUP.unpack_from(head, V1_HEADER.size)[0]
+            _check_group_size(args, header.group_size, _tensor_sizes(args, 2), f"{path}: bad header")
     else:
         if len(head) < V0_HEADER.size:
             raise UserError(f"{path}: {size} bytes, too short to be a model.bin")
@@ -131,24 +229,38 @@ def read_header(path: str | Path) -> BinHeader:
         shared = ints[5] > 0
         ints[5] = abs(ints[5])
         header = BinHeader(0, _parse_args(ints, shared, str(path)), V0_HEADER.size)
-    expected = header.offset + 4 * sum(_tensor_sizes(header.args, header.version))
+    expected = header.offset + _data_bytes(header)
     if size != expected:
         raise UserError(f"{path}: {size} bytes, the header implies {expected} (truncated, padded or not a model.bin)")
     return header
 
 
 def _tensor_sizes(args: ModelArgs, version: int) -> list[int]:
-    """Element counts in file order, from the shapes alone (no model built)."""
+    """Element counts in file order, from the shapes alone (no model built); for v2, of the
+    quantized matrices only."""
     with torch.device("meta"):
         model = Transformer(args)
-    tensors = _v0_tensors(model) if version == 0 else _v1_tensors(model)
+    tensors = {0: _v0_tensors, 1: _v1_tensors, 2: _v2_matrices}[version](model)
     return [t.numel() for t in tensors]
 
 
+def _data_bytes(header: BinHeader) -> int:
+    sizes = _tensor_sizes(header.args, header.version)
+    if header.version < 2:
+        return 4 * sum(sizes)
+    a = header.args
+    norms = (2 * a.n_layers + 1) * a.dim
+    return 4 * norms + sum(n + 4 * (n // header.group_size) for n in sizes)
+
+
 def read_model_bin(path: str | Path) -> Transformer:
-    """Loads a v0 or v1 model.bin (ours or upstream llama2.c's) into the PyTorch model."""
+    """Loads a model.bin (ours or upstream llama2.c's) into the PyTorch model; v2 weights are
+    dequantized."""
     header = read_header(path)
     model = Transformer(header.args)
+    if header.version == 2:
+        _read_v2(path, header, model)
+        return model
     tensors = _v0_tensors(model) if header.version == 0 else _v1_tensors(model)
     data = np.memmap(path, dtype=np.float32, mode="r", offset=header.offset)
     at = 0
@@ -162,6 +274,26 @@ def read_model_bin(path: str | Path) -> Transformer:
     return model
 
 
-def convert(src: str | Path, dst: str | Path, version: int) -> Path:
+def _read_v2(path: str | Path, header: BinHeader, model: Transformer) -> None:
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.offset)
+    at = 0
+
+    def take(n: int, dtype) -> np.ndarray:
+        nonlocal at
+        size = n * np.dtype(dtype).itemsize
+        chunk = np.array(data[at : at + size]).view(dtype)
+        at += size
+        return chunk
+
+    with torch.no_grad():
+        for t in _v2_norms(model):
+            t.copy_(torch.from_numpy(take(t.numel(), np.float32)).view_as(t))
+        for t in _v2_matrices(model):
+            values = take(t.numel(), np.int8)
+            scales = take(t.numel() // header.group_size, np.float32)
+            t.copy_(dequantize_q80(values, scales, header.group_size).view_as(t))
+
+
+def convert(src: str | Path, dst: str | Path, version: int, group_size: int | None = None) -> Path:
     """Rewrites a model.bin in another version."""
-    return write_model_bin(read_model_bin(src), dst, version)
+    return write_model_bin(read_model_bin(src), dst, version, group_size)

@@ -6,6 +6,18 @@ character that no vocab holds, so byte fallback is exercised):
   tokens  C encode == SentencePiece encode
   greedy  200 greedy tokens from the C engine (binding) == PyTorch generate()
   text    what `./run -t 0` prints == SentencePiece's decode of the same ids, byte for byte
+
+An int8 model.bin (v2) cannot give PyTorch's numbers: its weights are rounded, and the C
+engine also rounds activations to int8. So for v2, "logits" becomes "quality": over 200
+teacher-forced positions of a bilingual passage of real text, the C engine's next-token
+distribution against the float32 PyTorch model's (the checkpoint's weights for a run
+directory; for a bare .bin only the dequantized weights exist, which measures the
+activation rounding alone): top-1 agreement >= 98% and mean KL(fp32 || C) <= 0.01. And
+"greedy" checks the C engine against itself: l2_generate (batched prefill, then decoding)
+must give the ids that greedy decoding one l2_model_forward at a time gives. Where greedy
+int8 text departs from float32 text is reported, but is no failure: after the first near-tie
+that rounding flips, the two continue differently, both plausibly. "tokens" and "text" are
+as for float32.
 """
 
 from __future__ import annotations
@@ -28,6 +40,23 @@ from llama2zh.vocab.export import export_tokenizer, load_sentencepiece
 PROMPT = "从前，有一个小女孩叫莉莉。Once upon a time, there was a little girl named Lily. 她喜欢🌸和𠀀。"
 GREEDY_TOKENS = 200
 LOGIT_RTOL = 1e-4
+# v2: the quality check's text (a children's story, as the models are trained on) and thresholds
+PASSAGE = "".join((  # sentence by sentence, so that both languages fall within 200 tokens of any vocab
+    "Once upon a time, there was a little girl named Lily. 从前，有一个小女孩叫莉莉。",
+    "She lived in a small house near the woods with her mother and her dog, Max. ",
+    "她和妈妈还有小狗马克斯住在树林旁边的一座小房子里。",
+    "Every morning, Lily and Max walked to the river to look at the fish. 每天早上，莉莉和马克斯都走到河边看小鱼。",
+    "One day, Lily saw a big red ball in the water. 有一天，莉莉看见水里有一个大红球。",
+    "\"Max, can you get the ball?\" she asked. “马克斯，你能把球拿回来吗？”她问。",
+    "Max jumped into the river and swam to the ball. 马克斯跳进河里，游到球旁边。",
+    "He brought it back, and Lily laughed and hugged him. 他把球带了回来，莉莉笑了，紧紧地抱住他。",
+    "\"Thank you, Max! You are my best friend,\" she said. “谢谢你，马克斯！你是我最好的朋友。”她说。",
+    "They played with the ball until the sun went down. 他们一直玩球，玩到太阳下山。",
+    "Then they went home to eat dinner. 然后他们一起回家吃晚饭。",
+))
+QUALITY_POSITIONS = 200
+TOP1_MIN = 0.98
+KL_MAX = 0.01
 
 
 @dataclass
@@ -47,6 +76,7 @@ class Subject:
     model: Transformer
     tokenizer_model: Path
     tokenizer_bin: Path
+    reference: str = "the float32 weights"  # what `model` holds, for an int8 .bin's report
 
 
 def first_difference(a, b) -> int:
@@ -60,14 +90,16 @@ def subject_from_run(run_dir: Path) -> Subject:
             hint = f" (run `llama2zh export {run_dir}`)" if name == "model.bin" else ""
             raise UserError(f"{run_dir}: no {name}{hint}")
     model, _ = load_checkpoint(run_dir / "ckpt.pt")
-    return Subject(run_dir / "model.bin", model, run_dir / "tokenizer.model", tokenizer_bin_for(run_dir))
+    return Subject(run_dir / "model.bin", model, run_dir / "tokenizer.model", tokenizer_bin_for(run_dir),
+                   "ckpt.pt's float32 weights")
 
 
 def subject_from_bin(model_bin: Path, tokenizer_dir: Path) -> Subject:
     if not (tokenizer_dir / "tokenizer.model").exists():
         raise UserError(f"{tokenizer_dir}: no tokenizer.model")
+    reference = "the dequantized weights" if read_header(model_bin).version == 2 else "the float32 weights"
     return Subject(model_bin, read_model_bin(model_bin), tokenizer_dir / "tokenizer.model",
-                   tokenizer_bin_for(tokenizer_dir))
+                   tokenizer_bin_for(tokenizer_dir), reference)
 
 
 def tokenizer_bin_for(directory: Path) -> Path:
@@ -111,6 +143,49 @@ def check_greedy(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: list[i
                  f"first difference at {first_difference(got, expected)}"), got
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    logits = logits.astype(np.float64)
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def check_quality(subject: Subject, cmodel: CModel, sp: spm.SentencePieceProcessor) -> Check:
+    """int8: the C engine's next-token distributions vs float32 PyTorch's on real text."""
+    ids = ([sp.bos_id()] + sp.encode(PASSAGE))[: min(QUALITY_POSITIONS, subject.model.args.max_seq_len) + 1]
+    inputs = ids[:-1]  # each position predicts the next token of the passage
+    with torch.inference_mode():
+        expected = log_softmax(subject.model(torch.tensor([inputs]))[0].float().numpy())
+    got = log_softmax(cmodel.prefill(inputs))
+    top1 = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
+    kl = float(np.mean(np.sum(np.exp(expected) * (expected - got), axis=-1)))
+    return Check("quality", top1 >= TOP1_MIN and kl <= KL_MAX,
+                 f"top-1 agreement {top1:.1%} (>= {TOP1_MIN:.0%}), mean KL {kl:.2e} (<= {KL_MAX}) over "
+                 f"{len(inputs)} positions of the passage, against PyTorch on {subject.reference}")
+
+
+def check_greedy_int8(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: list[int]) -> tuple[Check, list[int]]:
+    """int8: l2_generate == greedy decoding one l2_model_forward at a time (a fresh model)."""
+    steps = greedy_steps(subject, len(ids))
+    got = cmodel.generate(ctok, PROMPT, steps, temperature=0.0)
+    stepwise = CModel(subject.model_bin)
+    for pos, token in enumerate(ids):
+        logits = stepwise.forward(token, pos)
+    expected = []
+    for pos in range(len(ids), steps + 1):  # the token sampled at position pos - 1
+        token = int(np.argmax(logits))
+        if token in (ctok.bos_id, ctok.eos_id):
+            break
+        expected.append(token)
+        if pos < steps:
+            logits = stepwise.forward(token, pos)
+    fp32 = subject.model.generate(ids, GREEDY_TOKENS, temperature=0.0, stop_ids=(ctok.bos_id, ctok.eos_id))
+    same = f"PyTorch on {subject.reference} agrees on the first {first_difference(got, fp32)}"
+    if got == expected:
+        return Check("greedy", True, f"{len(got)} tokens, l2_generate == step-by-step forward; {same}"), got
+    return Check("greedy", False, f"l2_generate {len(got)} tokens, step-by-step {len(expected)}; first difference "
+                 f"at {first_difference(got, expected)}"), got
+
+
 def check_text(subject: Subject, sp: spm.SentencePieceProcessor, ids: list[int], generated: list[int]) -> Check:
     command = [str(run_binary()), str(subject.model_bin), "-k", str(subject.tokenizer_bin), "-t", "0",
                "-n", str(greedy_steps(subject, len(ids))), "-i", PROMPT]
@@ -137,8 +212,12 @@ def verify(subject: Subject) -> list[Check]:
     if len(ids) >= header.args.max_seq_len:
         raise UserError(f"verify's prompt takes {len(ids)} positions, more than the model's seq_len "
                         f"{header.args.max_seq_len} leaves room for")
-    checks = [check_logits(subject, cmodel, ids), check_tokens(ctok, ids)]
-    greedy, generated = check_greedy(subject, cmodel, ctok, ids)
+    if header.version == 2:
+        checks = [check_quality(subject, cmodel, sp), check_tokens(ctok, ids)]
+        greedy, generated = check_greedy_int8(subject, cmodel, ctok, ids)
+    else:
+        checks = [check_logits(subject, cmodel, ids), check_tokens(ctok, ids)]
+        greedy, generated = check_greedy(subject, cmodel, ctok, ids)
     checks += [greedy, check_text(subject, sp, ids, generated)]
     return checks
 
@@ -154,8 +233,11 @@ def run_verify(target: Path, tokenizer_dir: Path | None) -> int:
     else:
         subject = subject_from_bin(target, tokenizer_dir)
     args = subject.model.args
+    header = read_header(subject.model_bin)
+    detail = f", int8 (group size {header.group_size})" if header.version == 2 else ""
     print(f"verify {target}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
-          f"({args.n_kv_heads} kv), vocab {args.vocab_size}, seq_len {args.max_seq_len}")
+          f"({args.n_kv_heads} kv), vocab {args.vocab_size}, seq_len {args.max_seq_len}, "
+          f"model.bin v{header.version}{detail}")
     checks = verify(subject)
     for check in checks:
         print(check.line())

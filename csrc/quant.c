@@ -1,0 +1,396 @@
+/* quant.c - int8 group quantization and the matmul kernels, one set per instruction set.
+ *
+ * Every set computes the same sums; they differ only in the order of float additions, so
+ * their results agree to within float rounding. The x86 sets are compiled with target
+ * attributes, so one binary carries all of them (even `make runportable`) and picks at run
+ * time what the CPU supports.
+ *
+ * int8 dot products use llama2.c runq's Q8_0 scheme: weights and activations are both
+ * int8 in groups of gs with a float scale each, so a group's dot product is an exact
+ * integer sum, scaled once by w_scale * x_scale.
+ */
+#include "quant.h"
+#include "common.h"
+
+#include <math.h>
+#include <string.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define L2_X86 1
+#include <immintrin.h>
+#endif
+
+void quantize_q8(int8_t *q, float *s, int32_t *sum, const float *x, int n, int gs) {
+    for (int g = 0; g < n / gs; g++) {
+        const float *xg = x + (size_t)g * gs;
+        int8_t *qg = q + (size_t)g * gs;
+        float amax = 0.0f;
+#pragma omp simd reduction(max : amax)
+        for (int i = 0; i < gs; i++) amax = fabsf(xg[i]) > amax ? fabsf(xg[i]) : amax;
+        float scale = amax / 127.0f;
+        float inv = scale > 0.0f ? 1.0f / scale : 0.0f; /* an all-zero group stays zero */
+        int32_t total = 0;
+        for (int i = 0; i < gs; i++) {
+            float v = xg[i] * inv;
+            /* in range already, unless inf or NaN came in (NaN fails both tests) */
+            v = v >= -127.0f ? v : -127.0f;
+            v = v <= 127.0f ? v : 127.0f;
+            /* rounded half away from zero, as roundf (a call) does */
+            qg[i] = (int8_t)(int32_t)(v + (v >= 0.0f ? 0.5f : -0.5f));
+            total += qg[i];
+        }
+        s[g] = scale;
+        sum[g] = total;
+    }
+}
+
+/* ---- portable C: the reference the others must agree with ---- */
+
+/* The simd reduction lets the compiler use vector lanes, which plain -O3 may not for floats. */
+static inline float dot_f32(const float *restrict w, const float *restrict x, int n) {
+    float val = 0.0f;
+#pragma omp simd reduction(+ : val)
+    for (int j = 0; j < n; j++) val += w[j] * x[j];
+    return val;
+}
+
+static void matmul_f32_portable(float *out, const float *x, const float *w, int T, int n, int d,
+                                int r0, int r1) {
+    for (int i = r0; i < r1; i++)
+        for (int t = 0; t < T; t++)
+            out[(size_t)t * d + i] = dot_f32(w + (size_t)i * n, x + (size_t)t * n, n);
+}
+
+static float dot_q8(const int8_t *wq, const float *ws, const int8_t *xq, const float *xs, int n,
+                    int gs) {
+    float val = 0.0f;
+    for (int g = 0; g < n / gs; g++) {
+        int32_t sum = 0;
+        for (int j = g * gs; j < (g + 1) * gs; j++) sum += (int32_t)wq[j] * xq[j];
+        val += (float)sum * (ws[g] * xs[g]);
+    }
+    return val;
+}
+
+static void matmul_q8_portable(float *out, const Q8Act *x, const Q8Mat *w, int T, int n, int d,
+                               int gs, int r0, int r1) {
+    size_t ng = n / gs;
+    for (int i = r0; i < r1; i++)
+        for (int t = 0; t < T; t++)
+            out[(size_t)t * d + i] = dot_q8(w->q + (size_t)i * n, w->s + i * ng,
+                                            x->q + (size_t)t * n, x->s + t * ng, n, gs);
+}
+
+static const Kernels PORTABLE = {"portable", matmul_f32_portable, matmul_q8_portable, NULL, NULL};
+
+#ifdef L2_X86
+
+/* ---- AVX2 + FMA ---- */
+
+#define AVX2 __attribute__((target("avx2,fma")))
+#define ROWS 4 /* rows per pass in prefill: each x vector loaded serves this many */
+
+AVX2 static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Decoding streams each row once: one row at a time (several rows at once would be several
+ * streams, which the hardware prefetcher serves worse), four accumulators to hide the FMA
+ * latency. */
+AVX2 static float dot_f32_avx2(const float *w, const float *x, int n) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                     _mm256_setzero_ps()};
+    int j = 0;
+    for (; j + 32 <= n; j += 32)
+        for (int u = 0; u < 4; u++)
+            acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(w + j + 8 * u),
+                                     _mm256_loadu_ps(x + j + 8 * u), acc[u]);
+    for (; j + 8 <= n; j += 8)
+        acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(w + j), _mm256_loadu_ps(x + j), acc[0]);
+    float val = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+    for (; j < n; j++) val += w[j] * x[j];
+    return val;
+}
+
+/* Prefill: nr (<= ROWS) rows starting at w times one token x; out[r] gets row r's product. */
+AVX2 static inline void rows_f32_avx2(float *out, const float *x, const float *w, int n, int nr) {
+    __m256 acc[ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    int j = 0;
+    for (; j + 8 <= n; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j);
+        for (int r = 0; r < nr; r++)
+            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (size_t)r * n + j), xv, acc[r]);
+    }
+    for (int r = 0; r < nr; r++) {
+        float val = hsum8(acc[r]);
+        for (int k = j; k < n; k++) val += w[(size_t)r * n + k] * x[k];
+        out[r] = val;
+    }
+}
+
+AVX2 static void matmul_f32_avx2(float *out, const float *x, const float *w, int T, int n, int d,
+                                 int r0, int r1) {
+    if (T == 1) {
+        for (int i = r0; i < r1; i++) out[i] = dot_f32_avx2(w + (size_t)i * n, x, n);
+        return;
+    }
+    for (int i = r0; i < r1; i += ROWS) {
+        int nr = r1 - i < ROWS ? r1 - i : ROWS;
+        for (int t = 0; t < T; t++) {
+            float *o = out + (size_t)t * d + i;
+            if (nr == ROWS) /* a constant count lets the compiler keep acc[] in registers */
+                rows_f32_avx2(o, x + (size_t)t * n, w + (size_t)i * n, n, ROWS);
+            else
+                rows_f32_avx2(o, x + (size_t)t * n, w + (size_t)i * n, n, nr);
+        }
+    }
+}
+
+/* nr rows of int8 w times one token x, 32 values at a time (gs is a multiple of 32).
+ * maddubs multiplies unsigned by signed bytes, so x's sign moves onto w (Q8_0 values are
+ * never -128, so negating them is safe) and |x| is the unsigned side. */
+AVX2 static inline void rows_q8_avx2(float *out, const int8_t *xq, const float *xs,
+                                     const int8_t *wq, const float *ws, int n, int gs, int nr) {
+    int ng = n / gs;
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256 acc[ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m256i isum[ROWS];
+        for (int r = 0; r < nr; r++) isum[r] = _mm256_setzero_si256();
+        for (int j = g * gs; j < (g + 1) * gs; j += 32) {
+            __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + j));
+            __m256i ax = _mm256_sign_epi8(xv, xv);
+            for (int r = 0; r < nr; r++) {
+                __m256i wv = _mm256_loadu_si256((const __m256i *)(wq + (size_t)r * n + j));
+                __m256i pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(wv, xv));
+                isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(pairs, ones));
+            }
+        }
+        for (int r = 0; r < nr; r++) {
+            __m256 scale = _mm256_set1_ps(ws[(size_t)r * ng + g] * xs[g]);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), scale, acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) out[r] = hsum8(acc[r]);
+}
+
+AVX2 static void matmul_q8_avx2(float *out, const Q8Act *x, const Q8Mat *w, int T, int n, int d,
+                                int gs, int r0, int r1) {
+    if (gs % 32) { /* groups narrower than a vector: the plain loop */
+        matmul_q8_portable(out, x, w, T, n, d, gs, r0, r1);
+        return;
+    }
+    size_t ng = n / gs;
+    for (int i = r0; i < r1; i += ROWS) {
+        int nr = r1 - i < ROWS ? r1 - i : ROWS;
+        const int8_t *wq = w->q + (size_t)i * n;
+        const float *ws = w->s + i * ng;
+        for (int t = 0; t < T; t++) {
+            float *o = out + (size_t)t * d + i;
+            const int8_t *xq = x->q + (size_t)t * n;
+            if (nr == ROWS)
+                rows_q8_avx2(o, xq, x->s + t * ng, wq, ws, n, gs, ROWS);
+            else
+                rows_q8_avx2(o, xq, x->s + t * ng, wq, ws, n, gs, nr);
+        }
+    }
+}
+
+static const Kernels AVX2_KERNELS = {"avx2", matmul_f32_avx2, matmul_q8_avx2, NULL, NULL};
+
+/* ---- AVX-512 (F, BW, VL) with VNNI ---- */
+
+#define AVX512 __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))
+
+AVX512 static float dot_f32_avx512(const float *w, const float *x, int n) {
+    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
+                     _mm512_setzero_ps()};
+    int j = 0;
+    for (; j + 64 <= n; j += 64)
+        for (int u = 0; u < 4; u++)
+            acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(w + j + 16 * u),
+                                     _mm512_loadu_ps(x + j + 16 * u), acc[u]);
+    for (; j < n; j += 16) { /* the rest, the last piece with masked loads */
+        __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        acc[0] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + j), _mm512_maskz_loadu_ps(m, x + j),
+                                 acc[0]);
+    }
+    return _mm512_reduce_add_ps(
+        _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
+}
+
+AVX512 static inline void rows_f32_avx512(float *out, const float *x, const float *w, int n,
+                                          int nr) {
+    __m512 acc[ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16) {
+        __mmask16 m = n - j >= 16 ? 0xffff : (__mmask16)((1u << (n - j)) - 1);
+        __m512 xv = _mm512_maskz_loadu_ps(m, x + j);
+        for (int r = 0; r < nr; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + (size_t)r * n + j), xv, acc[r]);
+    }
+    for (int r = 0; r < nr; r++) out[r] = _mm512_reduce_add_ps(acc[r]);
+}
+
+AVX512 static void matmul_f32_avx512(float *out, const float *x, const float *w, int T, int n,
+                                     int d, int r0, int r1) {
+    if (T == 1) {
+        for (int i = r0; i < r1; i++) out[i] = dot_f32_avx512(w + (size_t)i * n, x, n);
+        return;
+    }
+    for (int i = r0; i < r1; i += ROWS) {
+        int nr = r1 - i < ROWS ? r1 - i : ROWS;
+        for (int t = 0; t < T; t++) {
+            float *o = out + (size_t)t * d + i;
+            if (nr == ROWS)
+                rows_f32_avx512(o, x + (size_t)t * n, w + (size_t)i * n, n, ROWS);
+            else
+                rows_f32_avx512(o, x + (size_t)t * n, w + (size_t)i * n, n, nr);
+        }
+    }
+}
+
+/* The avx512 int8 layout puts 16 rows side by side, one per 32-bit lane, so that a single
+ * dpbusd computes 4 products for each of 16 rows and a group's sums end up one per lane,
+ * with no horizontal additions. For each block of 16 rows (the last padded with zero
+ * rows), for each group: its values, [gs / 4][16 rows][4], then its scales, [16 rows], so
+ * that a block is read front to back in one stream.
+ *
+ * dpbusd multiplies unsigned by signed bytes: the weights are stored as w + 128 (0..255)
+ * and x stays signed, so each group's sum is off by 128 * sum(x), which quantize_q8 has
+ * computed. */
+#define BLOCK 16 /* = KERNEL_ROWS */
+#define T_STEP 8 /* tokens per pass in prefill: each weight vector loaded serves this many */
+
+static size_t group_bytes(int gs) { return BLOCK * ((size_t)gs + sizeof(float)); }
+static size_t block_bytes(int n, int gs) { return (size_t)(n / gs) * group_bytes(gs); }
+
+static size_t packed_size_avx512(int d, int n, int gs) {
+    if (gs % 4) return 0; /* dpbusd takes 4 values at a time */
+    return (size_t)(d + BLOCK - 1) / BLOCK * block_bytes(n, gs);
+}
+
+static void pack_q8_avx512(void *dst, const Q8Mat *w, int d, int n, int gs) {
+    size_t ng = n / gs;
+    for (int b = 0; b < (d + BLOCK - 1) / BLOCK; b++) {
+        for (size_t g = 0; g < ng; g++) {
+            uint8_t *v = (uint8_t *)dst + b * block_bytes(n, gs) + g * group_bytes(gs);
+            float *s = (float *)(v + (size_t)BLOCK * gs);
+            for (int r = 0; r < BLOCK; r++) {
+                int row = b * BLOCK + r;
+                for (int j = 0; j < gs; j++) /* w + 128 as a byte is w ^ 0x80 */
+                    v[(size_t)(j / 4) * 4 * BLOCK + r * 4 + j % 4] =
+                        row < d ? (uint8_t)w->q[(size_t)row * n + g * gs + j] ^ 0x80 : 0x80;
+                s[r] = row < d ? w->s[row * ng + g] : 0.0f;
+            }
+        }
+    }
+}
+
+/* nb blocks of 16 rows times nt tokens (nb * nt <= T_STEP), the blocks at v, v + stride,
+ * ..., writing the rows `keep` selects of the last. dpbusd takes a few cycles to produce
+ * its sum, so each group's sum is split among T_STEP / (nb * nt) accumulators: T_STEP
+ * independent chains in all. Decoding takes several blocks at once: separate streams
+ * from memory, which the hardware prefetcher serves better than one. */
+AVX512 __attribute__((always_inline)) static inline void
+blocks_q8_avx512(float *out, size_t d, const Q8Act *x, int t0, int nt, const uint8_t *v,
+                 size_t stride, int nb, int n, int gs, __mmask16 keep) {
+    int ng = n / gs, chains = T_STEP / (nb * nt);
+    __m512 acc[T_STEP];
+    for (int k = 0; k < nb * nt; k++) acc[k] = _mm512_setzero_ps();
+    for (int g = 0; g < ng; g++) {
+        __m512i isum[T_STEP][T_STEP]; /* [block * nt + token][chain] */
+        for (int k = 0; k < nb * nt; k++)
+            for (int c = 0; c < chains; c++) isum[k][c] = _mm512_setzero_si512();
+        const uint8_t *vg = v + g * group_bytes(gs);
+        for (int j = 0; j < gs; j += 4 * chains) {
+            for (int c = 0; c < chains && j + 4 * c < gs; c++) {
+                int32_t four[T_STEP]; /* x[j..j+3] of each token, broadcast to every row */
+                for (int u = 0; u < nt; u++)
+                    memcpy(&four[u], x->q + (size_t)(t0 + u) * n + g * gs + j + 4 * c, 4);
+                for (int b = 0; b < nb; b++) {
+                    __m512i wv = _mm512_load_si512(vg + b * stride + (size_t)(j + 4 * c) * BLOCK);
+                    for (int u = 0; u < nt; u++)
+                        isum[b * nt + u][c] = _mm512_dpbusd_epi32(isum[b * nt + u][c], wv,
+                                                                  _mm512_set1_epi32(four[u]));
+                }
+            }
+        }
+        for (int b = 0; b < nb; b++) {
+            __m512 ws = _mm512_load_ps((const float *)(vg + b * stride + (size_t)BLOCK * gs));
+            for (int u = 0; u < nt; u++) {
+                size_t tg = (size_t)(t0 + u) * ng + g;
+                __m512i sum = _mm512_set1_epi32(-128 * x->sum[tg]);
+                for (int c = 0; c < chains; c++) sum = _mm512_add_epi32(sum, isum[b * nt + u][c]);
+                __m512 scale = _mm512_mul_ps(ws, _mm512_set1_ps(x->s[tg]));
+                acc[b * nt + u] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), scale, acc[b * nt + u]);
+            }
+        }
+    }
+    for (int b = 0; b < nb; b++)
+        for (int u = 0; u < nt; u++)
+            _mm512_mask_storeu_ps(out + (size_t)(t0 + u) * d + b * BLOCK, b == nb - 1 ? keep : 0xffff,
+                                  acc[b * nt + u]);
+}
+
+AVX512 static void matmul_q8_avx512(float *out, const Q8Act *x, const Q8Mat *w, int T, int n,
+                                    int d, int gs, int r0, int r1) {
+    if (!w->packed) { /* a group size the layout does not take */
+        matmul_q8_avx2(out, x, w, T, n, d, gs, r0, r1);
+        return;
+    }
+    size_t stride = block_bytes(n, gs);
+    const uint8_t *base = (const uint8_t *)w->packed;
+    int i = r0;
+    if (T == 1) /* constant counts keep acc[] and isum[] in registers */
+        for (; i + T_STEP * BLOCK <= r1; i += T_STEP * BLOCK)
+            blocks_q8_avx512(out + i, d, x, 0, 1, base + (size_t)(i / BLOCK) * stride, stride,
+                             T_STEP, n, gs, 0xffff);
+    for (; i < r1; i += BLOCK) {
+        const uint8_t *v = base + (size_t)(i / BLOCK) * stride;
+        __mmask16 keep = r1 - i >= BLOCK ? 0xffff : (__mmask16)((1u << (r1 - i)) - 1);
+        int t = 0;
+        for (; t + T_STEP <= T; t += T_STEP)
+            blocks_q8_avx512(out + i, d, x, t, T_STEP, v, stride, 1, n, gs, keep);
+        for (; t < T; t++) blocks_q8_avx512(out + i, d, x, t, 1, v, stride, 1, n, gs, keep);
+    }
+}
+
+static const Kernels AVX512_KERNELS = {"avx512", matmul_f32_avx512, matmul_q8_avx512,
+                                       packed_size_avx512, pack_q8_avx512};
+
+static int has_avx2(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+static int has_avx512(void) {
+    return has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+}
+
+#endif /* L2_X86 */
+
+const Kernels *kernels_select(const char *name, char *err) {
+#ifdef L2_X86
+    if (!name) return has_avx512() ? &AVX512_KERNELS : has_avx2() ? &AVX2_KERNELS : &PORTABLE;
+    if (!strcmp(name, "avx512")) {
+        if (has_avx512()) return &AVX512_KERNELS;
+        set_err(err, "kernel avx512: this CPU lacks AVX-512 F/BW/VL/VNNI");
+        return NULL;
+    }
+    if (!strcmp(name, "avx2")) {
+        if (has_avx2()) return &AVX2_KERNELS;
+        set_err(err, "kernel avx2: this CPU lacks AVX2/FMA");
+        return NULL;
+    }
+#endif
+    if (!name || !strcmp(name, "portable")) return &PORTABLE;
+    set_err(err, "unknown kernel '%s' (portable, avx2 or avx512)", name);
+    return NULL;
+}
