@@ -328,9 +328,13 @@ static int pack_weights(L2Model *m, const char *path, char *err) {
     char *at = m->packed;
     for (size_t i = 0; i <= n_mats; i++) {
         Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
-        k->pack_q8(at, &w->q8, w->d, w->n, gs);
         w->q8.packed = at;
         at += k->packed_size(w->d, w->n, gs);
+    }
+#pragma omp parallel for schedule(dynamic) num_threads(m->n_threads)
+    for (size_t i = 0; i <= n_mats; i++) {
+        Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
+        k->pack_q8((void *)w->q8.packed, &w->q8, w->d, w->n, gs);
     }
     return 1;
 }
@@ -506,11 +510,11 @@ L2Model *l2_model_open(const char *path, char *err) {
     const char *kernel = getenv("LLAMA2ZH_KERNEL"); /* lets tests force each kernel set */
     m->kernels = kernels_select(kernel && *kernel ? kernel : NULL, err);
     if (!m->kernels) goto fail;
-    if (m->cfg.version == 2 && !pack_weights(m, path, err)) goto fail;
     if (!alloc_state(&m->s, &m->cfg) || l2_model_set_threads(m, 0) < 0) {
         set_err(err, "%s: out of memory for the run state and KV cache", path);
         goto fail;
     }
+    if (m->cfg.version == 2 && !pack_weights(m, path, err)) goto fail;
     return m;
 fail:
     l2_model_close(m);

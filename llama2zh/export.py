@@ -14,8 +14,8 @@ v2: the v1 header with version 2 and, right after the shared_classifier byte (of
     version2_export).
 
 Each writer has a reader, so a .bin loads back into the PyTorch model; write -> read ->
-write gives the same bytes (v2: the reader dequantizes; re-quantizing reproduces the int8
-values, and the scales to within a rounding of the last bit). Writes are atomic.
+write gives the same bytes (for v2 too: the reader dequantizes, and re-quantizing gives back
+the same values and scales, 127 * scale / 127 rounding back to scale). Writes are atomic.
 """
 
 from __future__ import annotations
