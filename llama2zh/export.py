@@ -66,24 +66,13 @@ def _v0_tensors(model: Transformer) -> list[torch.Tensor]:
     return tensors
 
 
-def _v1_tensors(model: Transformer) -> list[torch.Tensor]:
-    """llama2.c export.py's version-1 order: all norms first, then the matrices."""
-    tensors = _per_layer(model, "attention_norm.weight", "ffn_norm.weight")
-    tensors += [model.norm.weight, model.tok_embeddings.weight]
-    tensors += _per_layer(model, "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
-                          "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
-                          "feed_forward.w3.weight")
-    if not model.args.shared_classifier:
-        tensors.append(model.output.weight)
-    return tensors
-
-
 def _v2_norms(model: Transformer) -> list[torch.Tensor]:
+    """The norm weights, which every version after v0 writes first, in fp32."""
     return _per_layer(model, "attention_norm.weight", "ffn_norm.weight") + [model.norm.weight]
 
 
 def _v2_matrices(model: Transformer) -> list[torch.Tensor]:
-    """llama2.c export.py's version-2 order of the quantized weights."""
+    """The matrices in llama2.c export.py's order (quantized in v2, fp32 in v1)."""
     tensors = [model.tok_embeddings.weight]
     tensors += _per_layer(model, "attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
                           "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w2.weight",
@@ -91,6 +80,11 @@ def _v2_matrices(model: Transformer) -> list[torch.Tensor]:
     if not model.args.shared_classifier:
         tensors.append(model.output.weight)
     return tensors
+
+
+def _v1_tensors(model: Transformer) -> list[torch.Tensor]:
+    """llama2.c export.py's version-1 order: all norms first, then the matrices."""
+    return _v2_norms(model) + _v2_matrices(model)
 
 
 def default_group_size(args: ModelArgs) -> int:
