@@ -272,9 +272,8 @@ def finish_run(run_dir: Path, tokenizer_dir: Path) -> None:
     from llama2zh.export import write_model_bin
     from llama2zh.vocab.export import export_tokenizer
 
-    for name in ("tokenizer.model",):
-        with atomic_output(run_dir / name) as tmp:
-            shutil.copyfile(tokenizer_dir / name, tmp)
+    with atomic_output(run_dir / "tokenizer.model") as tmp:
+        shutil.copyfile(tokenizer_dir / "tokenizer.model", tmp)
     export_tokenizer(run_dir / "tokenizer.model", run_dir / "tokenizer.bin")
     model, _ = load_checkpoint(run_dir / "ckpt.pt")
     write_model_bin(model, run_dir / "model.bin", version=1)
