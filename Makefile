@@ -7,26 +7,31 @@ VPY     := $(VENV)/bin/python
 
 ENGINE_SRC := csrc/model.c csrc/quant.c csrc/tokenizer.c csrc/sampler.c csrc/generate.c
 ENGINE_HDR := csrc/llama2.h csrc/common.h csrc/quant.h
+# the build products are rebuilt when their flags here change too
+ENGINE_DEPS := $(ENGINE_SRC) $(ENGINE_HDR) Makefile
 CFLAGS  ?= -O3
 WARN    := -std=gnu11 -Wall -Wextra -Wno-unused-parameter
 OMP     := -fopenmp
 # -march=native only where the compiler takes it; `make runportable` never uses it.
 NATIVE  := $(shell $(CC) -march=native -x c -c /dev/null -o /dev/null 2>/dev/null && echo -march=native)
+# nodelete: the library stays mapped after dlclose (Python unloads it at exit), because
+# OpenMP's idle worker threads may still be running its code; unmapping it under them crashes.
+SHARED  := -fPIC -shared -Wl,-z,nodelete
 
 .PHONY: run runportable lib venv test test-asan fuzz bench demo clean
 
-run: csrc/run.c $(ENGINE_SRC) $(ENGINE_HDR)
+run: csrc/run.c $(ENGINE_DEPS)
 	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) -o run csrc/run.c $(ENGINE_SRC) -lm
 
 # Runs on any x86-64 / arm64 machine of the same OS: no CPU-specific instructions.
-runportable: csrc/run.c $(ENGINE_SRC) $(ENGINE_HDR)
+runportable: csrc/run.c $(ENGINE_DEPS)
 	$(CC) $(CFLAGS) $(OMP) $(WARN) -o run csrc/run.c $(ENGINE_SRC) -lm
 
 lib: build/libllama2zh.so
 
-build/libllama2zh.so: $(ENGINE_SRC) $(ENGINE_HDR)
+build/libllama2zh.so: $(ENGINE_DEPS)
 	@mkdir -p build
-	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) -fPIC -shared -o $@ $(ENGINE_SRC) -lm
+	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) $(SHARED) -o $@ $(ENGINE_SRC) -lm
 
 # The virtualenv is rebuilt when pyproject.toml changes. TORCH pins the CPU build by default.
 venv: $(VENV)/.installed
@@ -73,11 +78,11 @@ clean:
 ASAN_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 ASAN_TESTS := tests/test_run.py tests/test_parity.py tests/test_tokenizer.py tests/test_quant.py
 
-build/asan/libllama2zh.so: $(ENGINE_SRC) $(ENGINE_HDR)
+build/asan/libllama2zh.so: $(ENGINE_DEPS)
 	@mkdir -p build/asan
-	$(CC) $(ASAN_FLAGS) $(OMP) $(WARN) -fPIC -shared -o $@ $(ENGINE_SRC) -lm
+	$(CC) $(ASAN_FLAGS) $(OMP) $(WARN) $(SHARED) -o $@ $(ENGINE_SRC) -lm
 
-build/asan/run: csrc/run.c $(ENGINE_SRC) $(ENGINE_HDR)
+build/asan/run: csrc/run.c $(ENGINE_DEPS)
 	@mkdir -p build/asan
 	$(CC) $(ASAN_FLAGS) $(OMP) $(WARN) -o $@ csrc/run.c $(ENGINE_SRC) -lm
 
@@ -91,7 +96,7 @@ test-asan: venv build/asan/libllama2zh.so build/asan/run
 FUZZ_CC   ?= clang
 FUZZ_TIME ?= 60
 
-build/fuzz/fuzz_loaders: csrc/fuzz_loaders.c $(ENGINE_SRC) $(ENGINE_HDR)
+build/fuzz/fuzz_loaders: csrc/fuzz_loaders.c $(ENGINE_DEPS)
 	@mkdir -p build/fuzz
 	@command -v $(FUZZ_CC) >/dev/null || { echo "make fuzz needs clang (apt-get install clang)"; exit 1; }
 	$(FUZZ_CC) -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined \
