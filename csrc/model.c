@@ -38,6 +38,7 @@ static int omp_get_max_threads(void) { return 1; }
 #define V2_GROUP_OFFSET 37     /* int32 group size, right after the shared_classifier byte */
 
 #define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers */
+#define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
 
 /* A weight matrix of d rows by n: float32, or int8 with a float32 scale per group of gs
  * consecutive values (version 2; gs divides n, so a group never straddles two rows). */
@@ -75,10 +76,11 @@ typedef struct {
     float *hb;     /* SwiGLU hidden (T, hidden_dim) */
     float *hb2;    /* SwiGLU hidden (T, hidden_dim) */
     float *q;      /* queries (T, dim) */
+    float *k;      /* the batch's keys (T, kv_dim), on their way into the cache */
     float *rope;   /* cos, sin of each pair's angle at each token's position (T, head_size) */
     float *att;    /* attention scores (n_heads, seq_len) */
     float *logits; /* (vocab_size) */
-    float *key_cache;   /* (layer, seq_len, kv_dim) */
+    float *key_cache;   /* (layer, kv_dim, key_stride(seq_len)): transposed, see attend */
     float *value_cache; /* (layer, seq_len, kv_dim) */
     ThreadBuffers *mine; /* one per thread */
     int n_mine;
@@ -422,23 +424,29 @@ int l2_model_set_threads(L2Model *m, int n_threads) {
     return n_threads;
 }
 
+/* A key cache row: seq_len rounded up to whole KEY_BLOCKs, which attend reads. */
+static size_t key_stride(const L2Config *c) {
+    return ((size_t)c->seq_len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+}
+
 static int alloc_state(RunState *s, const L2Config *c) {
     size_t B = c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK;
     size_t dim = c->dim, hidden = c->hidden_dim, head_size = dim / c->n_heads;
     size_t kv_dim = head_size * c->n_kv_heads;
-    size_t cache = (size_t)c->n_layers * c->seq_len * kv_dim;
+    size_t layers = c->n_layers;
     s->x = calloc(B * dim, sizeof(float));
     s->xb = calloc(B * dim, sizeof(float));
     s->xb2 = calloc(B * dim, sizeof(float));
     s->hb = calloc(B * hidden, sizeof(float));
     s->hb2 = calloc(B * hidden, sizeof(float));
     s->q = calloc(B * dim, sizeof(float));
+    s->k = calloc(B * kv_dim, sizeof(float));
     s->rope = calloc(B * head_size, sizeof(float));
     s->att = calloc((size_t)c->n_heads * c->seq_len, sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
-    s->key_cache = calloc(cache, sizeof(float));
-    s->value_cache = calloc(cache, sizeof(float));
-    return s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->rope && s->att &&
+    s->key_cache = calloc(layers * kv_dim * key_stride(c), sizeof(float));
+    s->value_cache = calloc(layers * c->seq_len * kv_dim, sizeof(float));
+    return s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->rope && s->att &&
            s->logits && s->key_cache && s->value_cache;
 }
 
@@ -449,6 +457,7 @@ static void free_state(RunState *s) {
     free(s->hb);
     free(s->hb2);
     free(s->q);
+    free(s->k);
     free(s->rope);
     free(s->att);
     free(s->logits);
@@ -545,37 +554,36 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
 }
 
 /* Attention of one query (one head of one token) over positions 0..n_pos-1: the scores
- * into att, softmax, and the weighted sum of the values into out. Keys and values of
- * successive positions are `stride` apart. */
-static void attend(float *out, const float *q, const float *keys, const float *values,
-                   size_t stride, int n_pos, int head_size, float *att) {
+ * into att, softmax, and the weighted sum of the values into out. The keys are stored
+ * transposed, dimension i of position u at keys[i * key_stride + u], so that the scores
+ * come out KEY_BLOCK positions at a time in vector registers, with no horizontal sums
+ * (a cache row has room for whole blocks; what lies past n_pos is read and ignored).
+ * Values of successive positions are `stride` apart. */
+static void attend(float *out, const float *q, const float *keys, size_t key_stride,
+                   const float *values, size_t stride, int n_pos, int head_size, float *att) {
     float scale = 1.0f / sqrtf((float)head_size);
-    int u = 0;
-    for (; u + 4 <= n_pos; u += 4) { /* four keys at a time: a horizontal sum costs much */
-        const float *k = keys + (size_t)u * stride;
-        float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int u0 = 0; u0 < n_pos; u0 += KEY_BLOCK) {
+        float acc[KEY_BLOCK] = {0};
         for (int i = 0; i < head_size; i++) {
-            s0 += q[i] * k[i];
-            s1 += q[i] * k[stride + i];
-            s2 += q[i] * k[2 * stride + i];
-            s3 += q[i] * k[3 * stride + i];
+            const float *k = keys + (size_t)i * key_stride + u0;
+            float qi = q[i];
+#pragma omp simd
+            for (int u = 0; u < KEY_BLOCK; u++) acc[u] += qi * k[u];
         }
-        att[u] = s0 * scale;
-        att[u + 1] = s1 * scale;
-        att[u + 2] = s2 * scale;
-        att[u + 3] = s3 * scale;
-    }
-    for (; u < n_pos; u++) {
-        const float *k = keys + (size_t)u * stride;
-        float s0 = 0.0f;
-#pragma omp simd reduction(+ : s0)
-        for (int i = 0; i < head_size; i++) s0 += q[i] * k[i];
-        att[u] = s0 * scale;
+        int n = n_pos - u0 < KEY_BLOCK ? n_pos - u0 : KEY_BLOCK;
+        for (int u = 0; u < n; u++) att[u0 + u] = acc[u] * scale;
     }
     softmax(att, n_pos);
     memset(out, 0, head_size * sizeof(float));
-    for (u = 0; u < n_pos; u++) {
+    int u = 0;
+    for (; u + 4 <= n_pos; u += 4) { /* four positions per pass over out */
+        const float *v = values + (size_t)u * stride;
+        float a0 = att[u], a1 = att[u + 1], a2 = att[u + 2], a3 = att[u + 3];
+#pragma omp simd
+        for (int i = 0; i < head_size; i++)
+            out[i] += a0 * v[i] + a1 * v[stride + i] + a2 * v[2 * stride + i] + a3 * v[3 * stride + i];
+    }
+    for (; u < n_pos; u++) {
         const float *v = values + (size_t)u * stride;
         float a = att[u];
 #pragma omp simd
@@ -589,8 +597,8 @@ static const Q8Act *quantize_mine(const L2Model *m, const float *x, int T, int n
     int gs = m->cfg.group_size;
     const Q8Act *xq = &m->s.mine[omp_get_thread_num()].xq;
     for (int t = 0; t < T; t++)
-        quantize_q8(xq->q + (size_t)t * n, xq->s + (size_t)t * (n / gs),
-                    xq->sum + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
+        m->kernels->quantize(xq->q + (size_t)t * n, xq->s + (size_t)t * (n / gs),
+                             xq->sum + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
     return xq;
 }
 
@@ -661,6 +669,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
     int head_size = dim / p->n_heads;
     int kv_dim = head_size * p->n_kv_heads;
     int kv_mul = p->n_heads / p->n_kv_heads; /* query heads sharing one kv head */
+    size_t kstride = key_stride(p);
 
     for (int t = 0; t < T; t++) {
         embed(m, s->x + (size_t)t * dim, tokens[t]);
@@ -682,9 +691,8 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
         const float *xn;
         const Q8Act *xq;
         for (int l = 0; l < p->n_layers; l++) {
-            size_t loff = (size_t)l * p->seq_len * kv_dim; /* this layer's KV cache */
-            float *k = s->key_cache + loff + (size_t)pos * kv_dim;
-            float *v = s->value_cache + loff + (size_t)pos * kv_dim;
+            float *keys = s->key_cache + (size_t)l * kv_dim * kstride; /* this layer's */
+            float *values = s->value_cache + (size_t)l * p->seq_len * kv_dim;
 
             /* q, k (both rotated) and v */
             xn = norm_mine(m, w->rms_att + (size_t)l * dim, 0, T);
@@ -692,20 +700,23 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             matmul(m, s->q, xn, xq, T, &w->layer[WQ][l], &r0, &r1);
             for (int t = 0; t < T; t++)
                 rope(s->q + (size_t)t * dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
-            matmul(m, k, xn, xq, T, &w->layer[WK][l], &r0, &r1);
-            for (int t = 0; t < T; t++)
-                rope(k + (size_t)t * kv_dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
-            matmul(m, v, xn, xq, T, &w->layer[WV][l], &r0, &r1);
+            matmul(m, s->k, xn, xq, T, &w->layer[WK][l], &r0, &r1);
+            for (int t = 0; t < T; t++) {
+                float *k = s->k + (size_t)t * kv_dim;
+                rope(k, r0, r1, head_size, s->rope + (size_t)t * head_size);
+                for (int i = r0; i < r1; i++) keys[(size_t)i * kstride + pos + t] = k[i];
+            }
+            matmul(m, values + (size_t)pos * kv_dim, xn, xq, T, &w->layer[WV][l], &r0, &r1);
 #pragma omp barrier
 
             /* causal multi-head attention, one head per iteration: token t sees 0..pos+t */
 #pragma omp for schedule(static)
             for (int h = 0; h < p->n_heads; h++) {
-                size_t hoff = loff + (size_t)(h / kv_mul) * head_size;
+                size_t kv_head = (size_t)(h / kv_mul) * head_size;
                 for (int t = 0; t < T; t++)
                     attend(s->xb + (size_t)t * dim + h * head_size,
-                           s->q + (size_t)t * dim + h * head_size, s->key_cache + hoff,
-                           s->value_cache + hoff, kv_dim, pos + t + 1, head_size,
+                           s->q + (size_t)t * dim + h * head_size, keys + kv_head * kstride,
+                           kstride, values + kv_head, kv_dim, pos + t + 1, head_size,
                            s->att + (size_t)h * p->seq_len);
             }
             xq = quantize_mine(m, s->xb, T, dim);
@@ -720,7 +731,8 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             matmul(m, s->hb2, xn, xq, T, &w->layer[W3][l], &r0, &r1);
             for (int t = 0; t < T; t++) {
                 float *hb = s->hb + (size_t)t * hidden_dim, *hb2 = s->hb2 + (size_t)t * hidden_dim;
-                for (int i = r0; i < r1; i++) hb[i] = hb[i] * (1.0f / (1.0f + expf(-hb[i]))) * hb2[i];
+#pragma omp simd
+                for (int i = r0; i < r1; i++) hb[i] = hb[i] / (1.0f + exp_fast(-hb[i])) * hb2[i];
             }
 #pragma omp barrier
             xq = quantize_mine(m, s->hb, T, hidden_dim);

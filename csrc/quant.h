@@ -34,6 +34,8 @@ typedef struct {
     /* W in int8 with a float32 scale per group of gs consecutive values (gs divides n). */
     void (*matmul_q8)(float *out, const Q8Act *x, const Q8Mat *w, int T, int n, int d, int gs,
                       int r0, int r1);
+    /* quantize_q8, or a faster equivalent giving the same bytes and scales. */
+    void (*quantize)(int8_t *q, float *s, int32_t *sum, const float *x, int n, int gs);
     /* For a kernel set that reads int8 weights in a layout of its own: the bytes that
      * pack_q8 writes for a (d, n) matrix (0: not for this group size; then matmul_q8 reads
      * the file's layout), and pack_q8. NULL for the others. */
