@@ -39,6 +39,7 @@ static int omp_get_max_threads(void) { return 1; }
 
 #define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers */
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
+#define QUERY_BLOCK 4     /* queries of one head scored together in prefill (see attend) */
 
 /* A weight matrix of d rows by n: float32, or int8 with a float32 scale per group of gs
  * consecutive values (version 2; gs divides n, so a group never straddles two rows). */
@@ -78,7 +79,7 @@ typedef struct {
     float *q;      /* queries (T, dim) */
     float *k;      /* the batch's keys (T, kv_dim), on their way into the cache */
     float *rope;   /* cos, sin of each pair's angle at each token's position (T, head_size) */
-    float *att;    /* attention scores (n_heads, seq_len) */
+    float *att;    /* attention scores (n_heads, QUERY_BLOCK, seq_len) */
     float *logits; /* (vocab_size) */
     float *key_cache;   /* (layer, kv_dim, key_stride(seq_len)): transposed, see attend */
     float *value_cache; /* (layer, seq_len, kv_dim) */
@@ -442,7 +443,7 @@ static int alloc_state(RunState *s, const L2Config *c) {
     s->q = calloc(B * dim, sizeof(float));
     s->k = calloc(B * kv_dim, sizeof(float));
     s->rope = calloc(B * head_size, sizeof(float));
-    s->att = calloc((size_t)c->n_heads * c->seq_len, sizeof(float));
+    s->att = calloc((size_t)c->n_heads * QUERY_BLOCK * c->seq_len, sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
     s->key_cache = calloc(layers * kv_dim * key_stride(c), sizeof(float));
     s->value_cache = calloc(layers * c->seq_len * kv_dim, sizeof(float));
@@ -553,41 +554,53 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
     for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
 }
 
-/* Attention of one query (one head of one token) over positions 0..n_pos-1: the scores
- * into att, softmax, and the weighted sum of the values into out. The keys are stored
- * transposed, dimension i of position u at keys[i * key_stride + u], so that the scores
- * come out KEY_BLOCK positions at a time in vector registers, with no horizontal sums
- * (a cache row has room for whole blocks; what lies past n_pos is read and ignored).
- * Values of successive positions are `stride` apart. */
-static void attend(float *out, const float *q, const float *keys, size_t key_stride,
-                   const float *values, size_t stride, int n_pos, int head_size, float *att) {
+/* Attention of nq queries of one head, of consecutive tokens, the last of which sees
+ * positions 0..n_pos-1 (causal: query j sees n_pos - nq + 1 + j of them): the scores into
+ * att (row j at att + j * seq_len), softmax, and the weighted sums of the values into
+ * out (row j at out + j * dim); queries are dim apart too. The keys are stored
+ * transposed, dimension i of position u at keys[i * key_stride + u], so that scores come
+ * out KEY_BLOCK positions at a time in vector registers, with no horizontal sums, and
+ * each key vector loaded serves all nq queries. A cache row has room for whole blocks;
+ * scores past a query's own positions are computed and ignored. Values of successive
+ * positions are kv_dim apart. Always inlined: with nq a constant, acc stays in registers. */
+static inline __attribute__((always_inline)) void
+attend(float *out, const float *q, int nq, const float *keys, const float *values, int n_pos,
+       const L2Config *p, float *att) {
+    int dim = p->dim, head_size = dim / p->n_heads, seq_len = p->seq_len;
+    size_t kstride = key_stride(p), kv_dim = (size_t)head_size * p->n_kv_heads;
     float scale = 1.0f / sqrtf((float)head_size);
     for (int u0 = 0; u0 < n_pos; u0 += KEY_BLOCK) {
-        float acc[KEY_BLOCK] = {0};
+        float acc[QUERY_BLOCK][KEY_BLOCK] = {{0}};
         for (int i = 0; i < head_size; i++) {
-            const float *k = keys + (size_t)i * key_stride + u0;
-            float qi = q[i];
+            const float *k = keys + (size_t)i * kstride + u0;
+            for (int j = 0; j < nq; j++) {
+                float qi = q[(size_t)j * dim + i];
 #pragma omp simd
-            for (int u = 0; u < KEY_BLOCK; u++) acc[u] += qi * k[u];
+                for (int u = 0; u < KEY_BLOCK; u++) acc[j][u] += qi * k[u];
+            }
         }
         int n = n_pos - u0 < KEY_BLOCK ? n_pos - u0 : KEY_BLOCK;
-        for (int u = 0; u < n; u++) att[u0 + u] = acc[u] * scale;
+        for (int j = 0; j < nq; j++)
+            for (int u = 0; u < n; u++) att[(size_t)j * seq_len + u0 + u] = acc[j][u] * scale;
     }
-    softmax(att, n_pos);
-    memset(out, 0, head_size * sizeof(float));
-    int u = 0;
-    for (; u + 4 <= n_pos; u += 4) { /* four positions per pass over out */
-        const float *v = values + (size_t)u * stride;
-        float a0 = att[u], a1 = att[u + 1], a2 = att[u + 2], a3 = att[u + 3];
+    for (int j = 0; j < nq; j++) {
+        int n = n_pos - nq + 1 + j;
+        float *a = att + (size_t)j * seq_len, *o = out + (size_t)j * dim;
+        softmax(a, n);
+        memset(o, 0, head_size * sizeof(float));
+        int u = 0;
+        for (; u + 4 <= n; u += 4) { /* four positions per pass over o */
+            const float *v = values + (size_t)u * kv_dim;
+            float a0 = a[u], a1 = a[u + 1], a2 = a[u + 2], a3 = a[u + 3];
 #pragma omp simd
-        for (int i = 0; i < head_size; i++)
-            out[i] += a0 * v[i] + a1 * v[stride + i] + a2 * v[2 * stride + i] + a3 * v[3 * stride + i];
-    }
-    for (; u < n_pos; u++) {
-        const float *v = values + (size_t)u * stride;
-        float a = att[u];
+            for (int i = 0; i < head_size; i++)
+                o[i] += a0 * v[i] + a1 * v[kv_dim + i] + a2 * v[2 * kv_dim + i] + a3 * v[3 * kv_dim + i];
+        }
+        for (; u < n; u++) {
+            const float *v = values + (size_t)u * kv_dim;
 #pragma omp simd
-        for (int i = 0; i < head_size; i++) out[i] += a * v[i];
+            for (int i = 0; i < head_size; i++) o[i] += a[u] * v[i];
+        }
     }
 }
 
@@ -712,12 +725,16 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             /* causal multi-head attention, one head per iteration: token t sees 0..pos+t */
 #pragma omp for schedule(static)
             for (int h = 0; h < p->n_heads; h++) {
-                size_t kv_head = (size_t)(h / kv_mul) * head_size;
-                for (int t = 0; t < T; t++)
-                    attend(s->xb + (size_t)t * dim + h * head_size,
-                           s->q + (size_t)t * dim + h * head_size, keys + kv_head * kstride,
-                           kstride, values + kv_head, kv_dim, pos + t + 1, head_size,
-                           s->att + (size_t)h * p->seq_len);
+                size_t kv_head = (size_t)(h / kv_mul) * head_size, off = (size_t)h * head_size;
+                const float *hk = keys + kv_head * kstride, *hv = values + kv_head;
+                float *att = s->att + (size_t)h * QUERY_BLOCK * p->seq_len;
+                int t = 0;
+                for (; t + QUERY_BLOCK <= T; t += QUERY_BLOCK)
+                    attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, QUERY_BLOCK,
+                           hk, hv, pos + t + QUERY_BLOCK, p, att);
+                for (; t < T; t++)
+                    attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, 1, hk, hv,
+                           pos + t + 1, p, att);
             }
             xq = quantize_mine(m, s->xb, T, dim);
             matmul(m, s->xb2, s->xb, xq, T, &w->layer[WO][l], &r0, &r1);
