@@ -57,11 +57,17 @@ static float random_f32(unsigned long long *state) {
     return (random_u32(state) >> 8) / 16777216.0f;
 }
 
+/* The first index of the largest value, as a plain scan (`p[i] > p[best]`) finds it, in
+ * two passes that vectorise: the max, then where it first occurs. NaNs lose every
+ * comparison, so the scan skips them, except at 0, where it keeps the first one. */
 static int sample_argmax(const float *p, int n) {
-    int best = 0;
-    for (int i = 1; i < n; i++)
-        if (p[i] > p[best]) best = i;
-    return best;
+    if (isnan(p[0])) return 0;
+    float max_val = p[0];
+#pragma omp simd reduction(max : max_val)
+    for (int i = 1; i < n; i++) max_val = p[i] > max_val ? p[i] : max_val;
+    for (int i = 0; i < n; i++)
+        if (p[i] == max_val) return i;
+    return 0;
 }
 
 /* index of the first bucket of the cumulative distribution past coin */

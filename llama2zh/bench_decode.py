@@ -4,7 +4,9 @@ PyTorch, measured in the same run.
 Random models of llama2.c's 15M, 42M and 110M shapes with the 32000- and 55296-piece vocabs,
 written as model.bin v1 (float32) and v2 (int8, Q8_0 groups). For each, at 1 and 2 threads:
 
-  decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of a few runs);
+  decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of a few runs,
+           after one untimed run, and taking turns with the other weights, so that a
+           burst of load from elsewhere, or a file paged out meanwhile, hits none alone);
   prefill  a 128-token prompt through l2_model_prefill (the binding), tokens / second;
   PyTorch  generate() of 256 tokens (KV-cached) and one forward pass over the prompt.
 
@@ -71,18 +73,15 @@ def random_model(shape: dict, vocab_size: int) -> Transformer:
     return model
 
 
-def c_decode(model_bin: Path, tokenizer_bin: Path, kernel: str | None, threads: int, repeats: int) -> float:
-    """Best achieved tok/s over repeats of `./run -t 0 -n 256`; checks that all 256 came out."""
+def c_decode(model_bin: Path, tokenizer_bin: Path, kernel: str | None, threads: int) -> float:
+    """The achieved tok/s of one `./run -t 0 -n 256`; checks that all 256 came out."""
     env = {k: v for k, v in os.environ.items() if k != "LLAMA2ZH_KERNEL"}
     env.update(OMP_NUM_THREADS=str(threads), **({"LLAMA2ZH_KERNEL": kernel} if kernel else {}))
-    best = 0.0
-    for _ in range(repeats):
-        result = subprocess.run([str(run_binary()), str(model_bin), "-k", str(tokenizer_bin), "-t", "0",
-                                 "-n", str(STEPS), "-i", ""], capture_output=True, text=True, env=env, check=True)
-        if result.stdout.count("[") != STEPS:
-            raise RuntimeError(f"{model_bin}: greedy decoding stopped after {result.stdout.count('[')} tokens")
-        best = max(best, float(re.search(r"achieved tok/s: ([\d.]+)", result.stderr).group(1)))
-    return best
+    result = subprocess.run([str(run_binary()), str(model_bin), "-k", str(tokenizer_bin), "-t", "0",
+                             "-n", str(STEPS), "-i", ""], capture_output=True, text=True, env=env, check=True)
+    if result.stdout.count("[") != STEPS:
+        raise RuntimeError(f"{model_bin}: greedy decoding stopped after {result.stdout.count('[')} tokens")
+    return float(re.search(r"achieved tok/s: ([\d.]+)", result.stderr).group(1))
 
 
 def open_with_kernel(model_bin: Path, kernel: str | None) -> CModel:
@@ -138,10 +137,12 @@ def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: 
     fp32 = write_model_bin(model, work / f"{name}_{vocab}_v1.bin", 1)
     int8 = write_model_bin(model, work / f"{name}_{vocab}_v2.bin", 2)
     tokenizer = id_tokenizer(vocab, work / f"ids{vocab}.bin")
+    variants = (("fp32 plain", fp32, "portable"), ("fp32", fp32, None), ("int8 v2", int8, None))
     rows = []
     for threads in threads_list:
-        for label, path, kernel in (("fp32 plain", fp32, "portable"), ("fp32", fp32, None), ("int8 v2", int8, None)):
-            decode = c_decode(path, tokenizer, kernel, threads, repeats)
+        decode_runs = [[c_decode(path, tokenizer, kernel, threads) for _, path, kernel in variants]
+                       for _ in range(repeats + 1)][1:]  # the first round warms the files
+        for (label, path, kernel), decode in zip(variants, map(max, zip(*decode_runs))):
             prefill, used = c_prefill(path, kernel, threads, repeats)
             label = label if kernel else f"{label} {used}"
             rows.append(Row(name, vocab, label, path.stat().st_size / 1e6, threads, decode, prefill))
