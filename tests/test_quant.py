@@ -67,7 +67,7 @@ def relative_max_diff(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_v2_of_stories260K_is_llama2c_export_byte_for_byte(tmp_path):
     model = read_model_bin(shared_file("models/stories260K.bin"))
-    ours = write_model_bin(model, tmp_path / "v2.bin", 2, group_size=64)
+    ours = write_model_bin(model, tmp_path / "v2.bin", 2, group_size=64, rounding="llama2c")
     assert ours.read_bytes() == shared_file("reference/stories260K_llama2c_v2.bin").read_bytes()
 
 
@@ -88,16 +88,46 @@ def test_reader_dequantizes_to_within_half_a_step(tmp_path):
         if name.endswith("norm.weight"):
             assert torch.equal(w, back), name  # norms stay float32
             continue
+        values, scales = quantize_q80(w, 64)
+        assert torch.equal(back.reshape(-1, 64), values.float() * scales[:, None]), name
+        # half a step of the group's own scale, or for a value clipped to +-127, what was clipped
         groups = w.reshape(-1, 64)
-        step = groups.abs().max(dim=1).values / 127
-        assert torch.all((groups - back.reshape(-1, 64)).abs() <= step[:, None] * 0.5 + 1e-7), name
+        bound = torch.maximum(scales * 0.5, groups.abs().max(dim=1).values - 127 * scales)
+        assert torch.all((groups - back.reshape(-1, 64)).abs() <= bound[:, None] + 1e-7), name
 
 
-def test_quantization_is_symmetric_and_keeps_zero_groups():
+def test_llama2c_rounding_is_symmetric_and_keeps_zero_groups():
     w = torch.tensor([[0.0] * 4 + [1.0, -2.0, 0.5, 2.0]])
-    values, scales = quantize_q80(w, 4)
+    values, scales = quantize_q80(w, 4, rounding="llama2c")
     assert scales.tolist() == [0.0, pytest.approx(2.0 / 127)]
     assert values.tolist() == [[0, 0, 0, 0], [64, -127, 32, 127]]
+
+
+def squared_errors(w: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Per group, in float64, against the weights a reader gets back (float32 products)."""
+    back = values.float() * scales[:, None]
+    return (w.reshape(back.shape).double() - back.double()).square().sum(dim=1)
+
+
+def test_mse_rounding_never_loses_to_llama2c_s():
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(4096, 32, generator=gen) * 0.02
+    w[:512:7, 5] *= 20  # outliers, which the smaller scales clip
+    w[100:103] = 0.0
+    w[200] = torch.full((32,), -0.5)  # every value the group's largest: nothing to gain
+    mse_values, mse_scales = quantize_q80(w, 32)
+    l2c_values, l2c_scales = quantize_q80(w, 32, rounding="llama2c")
+    mse, l2c = squared_errors(w, mse_values, mse_scales), squared_errors(w, l2c_values, l2c_scales)
+    # never more (up to float32's rounding of the search's sums); on Gaussian groups 5% less
+    assert torch.all(mse <= l2c * (1 + 1e-5))
+    assert mse[512:].sum() < 0.97 * l2c[512:].sum()
+    assert mse_values.dtype == torch.int8 and int(mse_values.min()) >= -127
+    # every nonzero group's largest value is +-127, as write -> read -> write needs
+    assert torch.all(mse_values.abs().max(dim=1).values == torch.where(mse_scales > 0, 127, 0))
+    assert mse_values[100:103].eq(0).all() and mse_scales[100:103].eq(0).all()
+    assert torch.equal(mse_values[200], l2c_values[200]) and mse_scales[200] == l2c_scales[200]
+    again = quantize_q80(w.clone(), 32)
+    assert torch.equal(again[0], mse_values) and torch.equal(again[1], mse_scales)
 
 
 @pytest.mark.parametrize("dims, expected", [((288, 768), 32), ((768, 2048), 64), ((512, 1376), 32),
@@ -297,8 +327,11 @@ def test_v2_logits_are_close_to_pytorch_on_the_dequantized_weights(tmp_path, sha
 
 
 def test_stories260K_v2_generates_like_pytorch_on_its_weights(tmp_path):
-    # group size 4: the largest that divides hidden_dim 172
-    path = write_model_bin(read_model_bin(shared_file("models/stories260K.bin")), tmp_path / "m.bin", 2)
+    # group size 4: the largest that divides hidden_dim 172. Rounding activations moves this
+    # model's top-2 logit gaps by 0.18 nats (std), so where the texts part is chance: after 51
+    # tokens with llama2.c's scales, which this test was written on; 33 with the default ones
+    path = write_model_bin(read_model_bin(shared_file("models/stories260K.bin")), tmp_path / "m.bin", 2,
+                           rounding="llama2c")
     ids = CModel(path).generate(CTokenizer(shared_file("reference/idtok512.bin"), vocab_size=512), "", 100)
     expected = read_model_bin(path).generate([1], 100, temperature=0.0)
     assert ids[:40] == expected[:40]
