@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -295,6 +296,19 @@ def physical_cores() -> int | None:
                     for c in os.sched_getaffinity(0)})
     except OSError:
         return None
+
+
+def test_library_stays_mapped_after_dlclose():
+    # Python unloads the library at exit while OpenMP's idle workers may still be running its
+    # code: unmapping it under them crashed about one exit in three (SIGSEGV). -z nodelete
+    # keeps it mapped; without that flag the crash is a race, so the flag is what to check.
+    from llama2zh.engine import _library_path
+
+    if not shutil.which("readelf"):
+        pytest.skip("readelf (binutils) is not installed")
+    dynamic = subprocess.run(["readelf", "-d", str(_library_path())], capture_output=True, text=True,
+                             check=True).stdout
+    assert re.search(r"\(FLAGS_1\).*\bNODELETE\b", dynamic)
 
 
 @pytest.mark.parametrize("omp_num_threads", [None, "3", "1"])
