@@ -81,7 +81,7 @@ typedef struct {
     float *rope;   /* cos, sin of each pair's angle at each token's position (T, head_size) */
     float *att;    /* attention scores (n_heads, QUERY_BLOCK, seq_len) */
     float *logits; /* (vocab_size) */
-    float *key_cache;   /* (layer, kv_dim, key_stride(seq_len)): transposed, see attend */
+    float *key_cache;   /* (layer, kv head, key_blocks, head_size, KEY_BLOCK): see attend */
     float *value_cache; /* (layer, seq_len, kv_dim) */
     ThreadBuffers *mine; /* one per thread */
     int n_mine;
@@ -425,9 +425,9 @@ int l2_model_set_threads(L2Model *m, int n_threads) {
     return n_threads;
 }
 
-/* A key cache row: seq_len rounded up to whole KEY_BLOCKs, which attend reads. */
-static size_t key_stride(const L2Config *c) {
-    return ((size_t)c->seq_len + KEY_BLOCK - 1) / KEY_BLOCK * KEY_BLOCK;
+/* The key cache holds seq_len positions in blocks of KEY_BLOCK (see attend). */
+static size_t key_blocks(const L2Config *c) {
+    return ((size_t)c->seq_len + KEY_BLOCK - 1) / KEY_BLOCK;
 }
 
 static int alloc_state(RunState *s, const L2Config *c) {
@@ -445,7 +445,7 @@ static int alloc_state(RunState *s, const L2Config *c) {
     s->rope = calloc(B * head_size, sizeof(float));
     s->att = calloc((size_t)c->n_heads * QUERY_BLOCK * c->seq_len, sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
-    s->key_cache = calloc(layers * kv_dim * key_stride(c), sizeof(float));
+    s->key_cache = calloc(layers * kv_dim * key_blocks(c) * KEY_BLOCK, sizeof(float));
     s->value_cache = calloc(layers * c->seq_len * kv_dim, sizeof(float));
     return s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->rope && s->att &&
            s->logits && s->key_cache && s->value_cache;
@@ -558,21 +558,22 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
  * positions 0..n_pos-1 (causal: query j sees n_pos - nq + 1 + j of them): the scores into
  * att (row j at att + j * seq_len), softmax, and the weighted sums of the values into
  * out (row j at out + j * dim); queries are dim apart too. The keys are stored
- * transposed, dimension i of position u at keys[i * key_stride + u], so that scores come
- * out KEY_BLOCK positions at a time in vector registers, with no horizontal sums, and
- * each key vector loaded serves all nq queries. A cache row has room for whole blocks;
- * scores past a query's own positions are computed and ignored. Values of successive
+ * transposed within blocks of KEY_BLOCK positions: dimension i of position u at
+ * keys[((u / KEY_BLOCK) * head_size + i) * KEY_BLOCK + u % KEY_BLOCK], so that scores come
+ * out KEY_BLOCK positions at a time in vector registers, with no horizontal sums, from
+ * one contiguous stretch of memory per block, and each key vector loaded serves all nq
+ * queries. Scores past a query's own positions are computed and ignored. Values of successive
  * positions are kv_dim apart. Always inlined: with nq a constant, acc stays in registers. */
 static inline __attribute__((always_inline)) void
 attend(float *out, const float *q, int nq, const float *keys, const float *values, int n_pos,
        const L2Config *p, float *att) {
     int dim = p->dim, head_size = dim / p->n_heads, seq_len = p->seq_len;
-    size_t kstride = key_stride(p), kv_dim = (size_t)head_size * p->n_kv_heads;
+    size_t kv_dim = (size_t)head_size * p->n_kv_heads;
     float scale = 1.0f / sqrtf((float)head_size);
     for (int u0 = 0; u0 < n_pos; u0 += KEY_BLOCK) {
         float acc[QUERY_BLOCK][KEY_BLOCK] = {{0}};
         for (int i = 0; i < head_size; i++) {
-            const float *k = keys + (size_t)i * kstride + u0;
+            const float *k = keys + ((size_t)u0 * head_size + (size_t)i * KEY_BLOCK);
             for (int j = 0; j < nq; j++) {
                 float qi = q[(size_t)j * dim + i];
 #pragma omp simd
@@ -682,7 +683,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
     int head_size = dim / p->n_heads;
     int kv_dim = head_size * p->n_kv_heads;
     int kv_mul = p->n_heads / p->n_kv_heads; /* query heads sharing one kv head */
-    size_t kstride = key_stride(p);
+    size_t head_keys = key_blocks(p) * head_size * KEY_BLOCK; /* the key cache of one kv head */
 
     for (int t = 0; t < T; t++) {
         embed(m, s->x + (size_t)t * dim, tokens[t]);
@@ -704,7 +705,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
         const float *xn;
         const Q8Act *xq;
         for (int l = 0; l < p->n_layers; l++) {
-            float *keys = s->key_cache + (size_t)l * kv_dim * kstride; /* this layer's */
+            float *keys = s->key_cache + (size_t)l * p->n_kv_heads * head_keys; /* this layer's */
             float *values = s->value_cache + (size_t)l * p->seq_len * kv_dim;
 
             /* q, k (both rotated) and v */
@@ -717,7 +718,9 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             for (int t = 0; t < T; t++) {
                 float *k = s->k + (size_t)t * kv_dim;
                 rope(k, r0, r1, head_size, s->rope + (size_t)t * head_size);
-                for (int i = r0; i < r1; i++) keys[(size_t)i * kstride + pos + t] = k[i];
+                size_t u = pos + t, at = u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK;
+                for (int i = r0; i < r1; i++)
+                    keys[(size_t)(i / head_size) * head_keys + at + (size_t)(i % head_size) * KEY_BLOCK] = k[i];
             }
             matmul(m, values + (size_t)pos * kv_dim, xn, xq, T, &w->layer[WV][l], &r0, &r1);
 #pragma omp barrier
@@ -726,7 +729,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
 #pragma omp for schedule(static)
             for (int h = 0; h < p->n_heads; h++) {
                 size_t kv_head = (size_t)(h / kv_mul) * head_size, off = (size_t)h * head_size;
-                const float *hk = keys + kv_head * kstride, *hv = values + kv_head;
+                const float *hk = keys + (size_t)(h / kv_mul) * head_keys, *hv = values + kv_head;
                 float *att = s->att + (size_t)h * QUERY_BLOCK * p->seq_len;
                 int t = 0;
                 for (; t + QUERY_BLOCK <= T; t += QUERY_BLOCK)
