@@ -7,7 +7,9 @@ written as model.bin v1 (float32) and v2 (int8, Q8_0 groups). For each, at 1 and
   decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of a few runs,
            after one untimed run, and taking turns with the other weights, so that a
            burst of load from elsewhere, or a file paged out meanwhile, hits none alone);
-  prefill  a 128-token prompt through l2_model_prefill (the binding), tokens / second;
+  prefill  a 128-token prompt through l2_model_prefill (the binding), tokens / second (best
+           of PREFILL_RUNS, or of those done in PREFILL_SECONDS: one takes milliseconds,
+           which a moment of load elsewhere spoils);
   PyTorch  generate() of 256 tokens (KV-cached) and one forward pass over the prompt.
 
 "fp32 plain" is the C engine's portable kernel (the C loops, as the compiler vectorises them
@@ -43,6 +45,7 @@ SHAPES = {  # llama2.c's, with its repeats here: the big ones are slow to run
 VOCABS = (32000, 55296)
 STEPS = 256
 PROMPT = 128
+PREFILL_RUNS, PREFILL_SECONDS = 20, 2.0
 THREADS = (1, 2)
 
 
@@ -97,15 +100,17 @@ def open_with_kernel(model_bin: Path, kernel: str | None) -> CModel:
             os.environ["LLAMA2ZH_KERNEL"] = saved
 
 
-def c_prefill(model_bin: Path, kernel: str | None, threads: int, repeats: int) -> tuple[float, str]:
-    """Best tok/s over repeats of a 128-token prefill, and the kernel set that ran it."""
+def c_prefill(model_bin: Path, kernel: str | None, threads: int) -> tuple[float, str]:
+    """Best tok/s over 128-token prefills, and the kernel set that ran them."""
     model = open_with_kernel(model_bin, kernel)
     model.set_threads(threads)
-    best = float("inf")
-    for _ in range(repeats + 1):  # the first also warms the caches
+    best, began = float("inf"), time.perf_counter()
+    for run in range(PREFILL_RUNS + 1):  # the first also warms the caches
         start = time.perf_counter()
         model.prefill(prompt_ids(model.vocab_size), all_logits=False)
         best = min(best, time.perf_counter() - start)
+        if run >= 3 and time.perf_counter() - began > PREFILL_SECONDS:
+            break
     return PROMPT / best, model.kernel
 
 
@@ -143,7 +148,7 @@ def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: 
         decode_runs = [[c_decode(path, tokenizer, kernel, threads) for _, path, kernel in variants]
                        for _ in range(repeats + 1)][1:]  # the first round warms the files
         for (label, path, kernel), decode in zip(variants, map(max, zip(*decode_runs))):
-            prefill, used = c_prefill(path, kernel, threads, repeats)
+            prefill, used = c_prefill(path, kernel, threads)
             label = label if kernel else f"{label} {used}"
             rows.append(Row(name, vocab, label, path.stat().st_size / 1e6, threads, decode, prefill))
         decode, prefill = torch_rates(model, threads, repeats)
