@@ -38,8 +38,10 @@ ODD = dict(dim=6, n_layers=2, n_heads=1, n_kv_heads=1, hidden_dim=10, max_seq_le
 TOKENS = [1, 45, 7, 200, 13, 99, 3, 150, 250, 42, 8, 77]
 # Kernels differ only in the order of float additions. With int8 weights that can move an
 # activation across a rounding boundary when it is quantized for the next matmul, a change
-# of one step (1/127 of its group's largest value), so v2 agrees less closely.
-TOLERANCE = {1: 1e-5, 2: 1e-3}
+# of one step (1/127 of its group's largest value), so v2 agrees less closely: one such step
+# moved these models' logits by 2.3e-3 of the largest (the ASan build's portable loops add
+# in another order than -O3's); a wrong kernel is off by the order of the logits themselves.
+TOLERANCE = {1: 1e-5, 2: 1e-2}
 
 
 def kernel_model(monkeypatch, path, kernel: str) -> CModel:
