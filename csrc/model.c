@@ -40,6 +40,7 @@ static int omp_get_max_threads(void) { return 1; }
 #define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers */
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
 #define QUERY_BLOCK 4     /* queries of one head scored together in prefill (see attend) */
+#define VALUE_TILE 16     /* dimensions of the value sums kept in registers (see attend) */
 
 /* A weight matrix of d rows by n: float32, or int8 with a float32 scale per group of gs
  * consecutive values (version 2; gs divides n, so a group never straddles two rows). */
@@ -584,25 +585,32 @@ attend(float *out, const float *q, int nq, const float *keys, const float *value
         for (int j = 0; j < nq; j++)
             for (int u = 0; u < n; u++) att[(size_t)j * seq_len + u0 + u] = acc[j][u] * scale;
     }
-    for (int j = 0; j < nq; j++) {
+    for (int j = 0; j < nq; j++) { /* a query's weights past its own positions are 0 */
         int n = n_pos - nq + 1 + j;
-        float *a = att + (size_t)j * seq_len, *o = out + (size_t)j * dim;
-        softmax(a, n);
-        memset(o, 0, head_size * sizeof(float));
-        int u = 0;
-        for (; u + 4 <= n; u += 4) { /* four positions per pass over o */
-            const float *v = values + (size_t)u * kv_dim;
-            float a0 = a[u], a1 = a[u + 1], a2 = a[u + 2], a3 = a[u + 3];
-#pragma omp simd
-            for (int i = 0; i < head_size; i++)
-                o[i] += a0 * v[i] + a1 * v[kv_dim + i] + a2 * v[2 * kv_dim + i] + a3 * v[3 * kv_dim + i];
-        }
-        for (; u < n; u++) {
-            const float *v = values + (size_t)u * kv_dim;
-#pragma omp simd
-            for (int i = 0; i < head_size; i++) o[i] += a[u] * v[i];
-        }
+        softmax(att + (size_t)j * seq_len, n);
+        memset(att + (size_t)j * seq_len + n, 0, (size_t)(n_pos - n) * sizeof(float));
     }
+    /* the weighted sums of the values, VALUE_TILE dimensions of all nq outputs at a time in
+     * registers while the positions stream by: each value vector loaded serves every query */
+    int i0 = 0;
+    for (; i0 + VALUE_TILE <= head_size; i0 += VALUE_TILE) {
+        float acc[QUERY_BLOCK][VALUE_TILE] = {{0}};
+        for (int u = 0; u < n_pos; u++) {
+            const float *v = values + (size_t)u * kv_dim + i0;
+            for (int j = 0; j < nq; j++) {
+                float a = att[(size_t)j * seq_len + u];
+#pragma omp simd
+                for (int i = 0; i < VALUE_TILE; i++) acc[j][i] += a * v[i];
+            }
+        }
+        for (int j = 0; j < nq; j++) memcpy(out + (size_t)j * dim + i0, acc[j], sizeof(acc[j]));
+    }
+    for (int j = 0; j < nq; j++) /* a head_size that is no multiple of VALUE_TILE: the rest */
+        for (int i = i0; i < head_size; i++) {
+            float sum = 0.0f;
+            for (int u = 0; u < n_pos; u++) sum += att[(size_t)j * seq_len + u] * values[(size_t)u * kv_dim + i];
+            out[(size_t)j * dim + i] = sum;
+        }
 }
 
 /* For int8 weights, quantizes x (T rows of n) into this thread's buffer; NULL for float32. */
