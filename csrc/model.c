@@ -736,8 +736,8 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             /* causal multi-head attention, one head per iteration: token t sees 0..pos+t */
 #pragma omp for schedule(static)
             for (int h = 0; h < p->n_heads; h++) {
-                size_t kv_head = (size_t)(h / kv_mul) * head_size, off = (size_t)h * head_size;
-                const float *hk = keys + (size_t)(h / kv_mul) * head_keys, *hv = values + kv_head;
+                size_t kv_head = h / kv_mul, off = (size_t)h * head_size;
+                const float *hk = keys + kv_head * head_keys, *hv = values + kv_head * head_size;
                 float *att = s->att + (size_t)h * QUERY_BLOCK * p->seq_len;
                 int t = 0;
                 for (; t + QUERY_BLOCK <= T; t += QUERY_BLOCK)
