@@ -41,6 +41,8 @@ static int omp_get_max_threads(void) { return 1; }
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
 #define QUERY_BLOCK 4     /* queries of one head scored together in prefill (see attend) */
 #define VALUE_TILE 16     /* dimensions of the value sums kept in registers (see attend) */
+#define SOFTMAX_STEP 16   /* attention's softmax runs over multiples of this (see attend) */
+_Static_assert(KEY_BLOCK % SOFTMAX_STEP == 0, "a score row's room is a multiple of SOFTMAX_STEP");
 
 /* A weight matrix of d rows by n: float32, or int8 with a float32 scale per group of gs
  * consecutive values (version 2; gs divides n, so a group never straddles two rows). */
@@ -62,9 +64,8 @@ typedef struct {
     Mat wcls;               /* (vocab, dim) */
 } Weights;
 
-/* A thread's own copy of a matmul's input: normed (T, dim), and for int8 weights quantized
- * (T, max(dim, hidden_dim)). Every thread needs all of the input, and making it costs
- * little next to the matmul, while sharing one copy would cost barriers. */
+/* A matmul's input (see prepare): normed (T, dim), and for int8 weights quantized
+ * (T, max(dim, hidden_dim)). Each thread has its own, for decoding; a batch's is shared. */
 typedef struct {
     float *xn;
     Q8Act xq;
@@ -80,7 +81,7 @@ typedef struct {
     float *q;      /* queries (T, dim) */
     float *k;      /* the batch's keys (T, kv_dim), on their way into the cache */
     float *rope;   /* cos, sin of each pair's angle at each token's position (T, head_size) */
-    float *att;    /* attention scores (n_heads, QUERY_BLOCK, seq_len) */
+    float *att;    /* attention scores (n_heads, QUERY_BLOCK, att_stride) */
     float *logits; /* (vocab_size) */
     float *key_cache;   /* (layer, kv head, key_blocks, head_size, KEY_BLOCK): see attend */
     float *value_cache; /* (layer, seq_len, kv_dim) */
@@ -431,6 +432,9 @@ static size_t key_blocks(const L2Config *c) {
     return ((size_t)c->seq_len + KEY_BLOCK - 1) / KEY_BLOCK;
 }
 
+/* A row of attention scores: room for every block of keys (see attend). */
+static size_t att_stride(const L2Config *c) { return key_blocks(c) * KEY_BLOCK; }
+
 static int alloc_state(RunState *s, const L2Config *c) {
     size_t B = c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK;
     size_t dim = c->dim, hidden = c->hidden_dim, head_size = dim / c->n_heads;
@@ -444,7 +448,7 @@ static int alloc_state(RunState *s, const L2Config *c) {
     s->q = calloc(B * dim, sizeof(float));
     s->k = calloc(B * kv_dim, sizeof(float));
     s->rope = calloc(B * head_size, sizeof(float));
-    s->att = calloc((size_t)c->n_heads * QUERY_BLOCK * c->seq_len, sizeof(float));
+    s->att = calloc((size_t)c->n_heads * QUERY_BLOCK * att_stride(c), sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
     s->key_cache = calloc(layers * kv_dim * key_blocks(c) * KEY_BLOCK, sizeof(float));
     s->value_cache = calloc(layers * c->seq_len * kv_dim, sizeof(float));
@@ -557,7 +561,7 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
 
 /* Attention of nq queries of one head, of consecutive tokens, the last of which sees
  * positions 0..n_pos-1 (causal: query j sees n_pos - nq + 1 + j of them): the scores into
- * att (row j at att + j * seq_len), softmax, and the weighted sums of the values into
+ * att (row j at att + j * att_stride), softmax, and the weighted sums of the values into
  * out (row j at out + j * dim); queries are dim apart too. The keys are stored
  * transposed within blocks of KEY_BLOCK positions: dimension i of position u at
  * keys[((u / KEY_BLOCK) * head_size + i) * KEY_BLOCK + u % KEY_BLOCK], so that scores come
@@ -568,8 +572,8 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size) {
 static inline __attribute__((always_inline)) void
 attend(float *out, const float *q, int nq, const float *keys, const float *values, int n_pos,
        const L2Config *p, float *att) {
-    int dim = p->dim, head_size = dim / p->n_heads, seq_len = p->seq_len;
-    size_t kv_dim = (size_t)head_size * p->n_kv_heads;
+    int dim = p->dim, head_size = dim / p->n_heads;
+    size_t kv_dim = (size_t)head_size * p->n_kv_heads, stride = att_stride(p);
     float scale = 1.0f / sqrtf((float)head_size);
     for (int u0 = 0; u0 < n_pos; u0 += KEY_BLOCK) {
         float acc[QUERY_BLOCK][KEY_BLOCK] = {{0}};
@@ -581,14 +585,19 @@ attend(float *out, const float *q, int nq, const float *keys, const float *value
                 for (int u = 0; u < KEY_BLOCK; u++) acc[j][u] += qi * k[u];
             }
         }
-        int n = n_pos - u0 < KEY_BLOCK ? n_pos - u0 : KEY_BLOCK;
         for (int j = 0; j < nq; j++)
-            for (int u = 0; u < n; u++) att[(size_t)j * seq_len + u0 + u] = acc[j][u] * scale;
+#pragma omp simd
+            for (int u = 0; u < KEY_BLOCK; u++) att[j * stride + u0 + u] = acc[j][u] * scale;
     }
-    for (int j = 0; j < nq; j++) { /* a query's weights past its own positions are 0 */
-        int n = n_pos - nq + 1 + j;
-        softmax(att + (size_t)j * seq_len, n);
-        memset(att + (size_t)j * seq_len + n, 0, (size_t)(n_pos - n) * sizeof(float));
+    for (int j = 0; j < nq; j++) {
+        /* softmax over a whole number of SOFTMAX_STEPs, the scores past the query's own
+         * positions set to -inf (e^-inf, clamped, is 1e-38: nothing, next to the max's 1),
+         * so that it runs in vector steps alone; then those weights are 0 */
+        float *a = att + j * stride;
+        int n = n_pos - nq + 1 + j, padded = (n + SOFTMAX_STEP - 1) / SOFTMAX_STEP * SOFTMAX_STEP;
+        for (int u = n; u < padded; u++) a[u] = -INFINITY;
+        softmax(a, padded);
+        memset(a + n, 0, (size_t)(n_pos - n) * sizeof(float));
     }
     /* the weighted sums of the values, VALUE_TILE dimensions of all nq outputs at a time in
      * registers while the positions stream by: each value vector loaded serves every query */
@@ -598,7 +607,7 @@ attend(float *out, const float *q, int nq, const float *keys, const float *value
         for (int u = 0; u < n_pos; u++) {
             const float *v = values + (size_t)u * kv_dim + i0;
             for (int j = 0; j < nq; j++) {
-                float a = att[(size_t)j * seq_len + u];
+                float a = att[j * stride + u];
 #pragma omp simd
                 for (int i = 0; i < VALUE_TILE; i++) acc[j][i] += a * v[i];
             }
@@ -608,29 +617,46 @@ attend(float *out, const float *q, int nq, const float *keys, const float *value
     for (int j = 0; j < nq; j++) /* a head_size that is no multiple of VALUE_TILE: the rest */
         for (int i = i0; i < head_size; i++) {
             float sum = 0.0f;
-            for (int u = 0; u < n_pos; u++) sum += att[(size_t)j * seq_len + u] * values[(size_t)u * kv_dim + i];
+            for (int u = 0; u < n_pos; u++) sum += att[j * stride + u] * values[(size_t)u * kv_dim + i];
             out[(size_t)j * dim + i] = sum;
         }
 }
 
-/* For int8 weights, quantizes x (T rows of n) into this thread's buffer; NULL for float32. */
-static const Q8Act *quantize_mine(const L2Model *m, const float *x, int T, int n) {
-    if (m->cfg.version != 2) return NULL;
-    int gs = m->cfg.group_size;
-    const Q8Act *xq = &m->s.mine[omp_get_thread_num()].xq;
-    for (int t = 0; t < T; t++)
-        m->kernels->quantize(xq->q + (size_t)t * n, xq->s + (size_t)t * (n / gs),
-                             xq->sum + (size_t)t * (n / gs), x + (size_t)t * n, n, gs);
-    return xq;
-}
+/* A matmul's input: x for float32 weights, xq for int8 ones. */
+typedef struct {
+    const float *x;
+    const Q8Act *xq;
+} Input;
 
-/* rmsnorm of rows t0..T-1 of x into this thread's buffer (row t at row t - t0). */
-static const float *norm_mine(const L2Model *m, const float *weight, int t0, int T) {
-    int dim = m->cfg.dim;
-    float *xn = m->s.mine[omp_get_thread_num()].xn;
-    for (int t = t0; t < T; t++)
-        rmsnorm(xn + (size_t)(t - t0) * dim, m->s.x + (size_t)t * dim, weight, dim);
-    return xn;
+/* Makes a matmul's input from rows t0..T-1 of src (row t at row t - t0 of the result):
+ * rmsnormed by weight unless it is NULL, then quantized for int8 weights. Called by every
+ * thread of a parallel region. One row (decoding): each thread makes it for itself, in its
+ * own buffer, with no barrier to wait at. Several: the threads share the rows out, into
+ * thread 0's buffer, and wait for each other; the caller must have put a barrier between
+ * the last matmul that read that buffer and this call. */
+static Input prepare(const L2Model *m, const float *src, const float *weight, int t0, int T,
+                     int n) {
+    int n_threads = omp_get_num_threads(), id = omp_get_thread_num();
+    int shared = T - t0 > 1 && n_threads > 1, gs = m->cfg.group_size;
+    ThreadBuffers *b = &m->s.mine[shared ? 0 : id];
+    int a = shared ? t0 + (T - t0) * id / n_threads : t0;
+    int z = shared ? t0 + (T - t0) * (id + 1) / n_threads : T;
+    Input in = {src + (size_t)t0 * n, NULL};
+    if (weight) {
+        for (int t = a; t < z; t++)
+            rmsnorm(b->xn + (size_t)(t - t0) * n, src + (size_t)t * n, weight, n);
+        in.x = b->xn;
+    }
+    if (m->cfg.version == 2) {
+        for (int t = a - t0; t < z - t0; t++)
+            m->kernels->quantize(b->xq.q + (size_t)t * n, b->xq.s + (size_t)t * (n / gs),
+                                 b->xq.sum + (size_t)t * (n / gs), in.x + (size_t)t * n, n, gs);
+        in.xq = &b->xq;
+    }
+    if (shared && (weight || in.xq)) {
+#pragma omp barrier
+    }
+    return in;
 }
 
 /* x += add, rows r0..r1-1 of each of T tokens: a matmul's output, on the rows that this
@@ -645,8 +671,8 @@ static void residual(float *x, const float *add, int T, int dim, int r0, int r1)
  * inside a parallel region: the threads already running split the rows (starting a team
  * per matmul costs more than a small matmul), with no barrier at the end, so that what
  * follows on the same rows needs none either; callers put the barriers. */
-static void matmul(const L2Model *m, float *out, const float *x, const Q8Act *xq, int T,
-                   const Mat *w, int *r0, int *r1) {
+static void matmul(const L2Model *m, float *out, Input in, int T, const Mat *w, int *r0,
+                   int *r1) {
     int n_threads = omp_get_num_threads(), id = omp_get_thread_num();
     *r0 = (int)((long long)w->d * id / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
     *r1 = id == n_threads - 1
@@ -654,19 +680,41 @@ static void matmul(const L2Model *m, float *out, const float *x, const Q8Act *xq
               : (int)((long long)w->d * (id + 1) / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
     if (*r0 >= *r1) return;
     if (w->q8.q)
-        m->kernels->matmul_q8(out, xq, &w->q8, T, w->n, w->d, m->cfg.group_size, *r0, *r1);
+        m->kernels->matmul_q8(out, in.xq, &w->q8, T, w->n, w->d, m->cfg.group_size, *r0, *r1);
     else
-        m->kernels->matmul_f32(out, x, w->f, T, w->n, w->d, *r0, *r1);
+        m->kernels->matmul_f32(out, in.x, w->f, T, w->n, w->d, *r0, *r1);
 }
 
 /* Rotates the pairs (2i, 2i+1), r0 <= 2i < r1, of vec (heads of head_size) by the angles
- * whose cos and sin are the pairs of cs (head_size values). */
+ * whose cos and sin are the pairs of cs (head_size values). Head by head, so that no
+ * value needs a division to find its place in its head. */
 static void rope(float *vec, int r0, int r1, int head_size, const float *cs) {
-    for (int i = r0; i < r1; i += 2) {
-        const float *c = cs + i % head_size;
-        float v0 = vec[i], v1 = vec[i + 1];
-        vec[i] = v0 * c[0] - v1 * c[1];
-        vec[i + 1] = v0 * c[1] + v1 * c[0];
+    for (int h0 = r0 / head_size * head_size; h0 < r1; h0 += head_size) {
+        int i1 = h0 + head_size < r1 ? h0 + head_size : r1;
+        for (int i = h0 > r0 ? h0 : r0; i < i1; i += 2) {
+            const float *c = cs + (i - h0);
+            float v0 = vec[i], v1 = vec[i + 1];
+            vec[i] = v0 * c[0] - v1 * c[1];
+            vec[i + 1] = v0 * c[1] + v1 * c[0];
+        }
+    }
+}
+
+/* Stores values r0..r1-1 of the T keys in k (rows kv_dim apart) at positions pos.. in one
+ * layer's key cache (see attend for its layout): value by value, so that the positions of
+ * one value, which lie side by side there, are written in order. */
+static void store_keys(float *keys, const float *k, int T, int pos, int r0, int r1,
+                       const L2Config *p, size_t head_keys) {
+    int head_size = p->dim / p->n_heads, kv_dim = head_size * p->n_kv_heads;
+    for (int h0 = r0 / head_size * head_size; h0 < r1; h0 += head_size) {
+        int i1 = h0 + head_size < r1 ? h0 + head_size : r1;
+        for (int i = h0 > r0 ? h0 : r0; i < i1; i++) {
+            float *dst = keys + (size_t)(h0 / head_size) * head_keys + (size_t)(i - h0) * KEY_BLOCK;
+            for (int t = 0; t < T; t++) {
+                size_t u = (size_t)pos + t;
+                dst[u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK] = k[(size_t)t * kv_dim + i];
+            }
+        }
     }
 }
 
@@ -704,33 +752,27 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
         }
     }
 
-    /* Each thread normalises (and quantizes) the whole input of a matmul for itself, then
-     * computes its share of the rows and whatever follows on those rows alone (RoPE, SwiGLU,
-     * the residual): five barriers per layer. */
+    /* Each thread computes its share of a matmul's rows and whatever follows on those rows
+     * alone (RoPE, SwiGLU, the residual); the barriers are where a step needs rows that
+     * other threads computed. */
 #pragma omp parallel num_threads(m->n_threads)
     {
         int r0, r1;
-        const float *xn;
-        const Q8Act *xq;
+        Input in;
         for (int l = 0; l < p->n_layers; l++) {
             float *keys = s->key_cache + (size_t)l * p->n_kv_heads * head_keys; /* this layer's */
             float *values = s->value_cache + (size_t)l * p->seq_len * kv_dim;
 
             /* q, k (both rotated) and v */
-            xn = norm_mine(m, w->rms_att + (size_t)l * dim, 0, T);
-            xq = quantize_mine(m, xn, T, dim);
-            matmul(m, s->q, xn, xq, T, &w->layer[WQ][l], &r0, &r1);
+            in = prepare(m, s->x, w->rms_att + (size_t)l * dim, 0, T, dim);
+            matmul(m, s->q, in, T, &w->layer[WQ][l], &r0, &r1);
             for (int t = 0; t < T; t++)
                 rope(s->q + (size_t)t * dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
-            matmul(m, s->k, xn, xq, T, &w->layer[WK][l], &r0, &r1);
-            for (int t = 0; t < T; t++) {
-                float *k = s->k + (size_t)t * kv_dim;
-                rope(k, r0, r1, head_size, s->rope + (size_t)t * head_size);
-                size_t u = pos + t, at = u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK;
-                for (int i = r0; i < r1; i++)
-                    keys[(size_t)(i / head_size) * head_keys + at + (size_t)(i % head_size) * KEY_BLOCK] = k[i];
-            }
-            matmul(m, values + (size_t)pos * kv_dim, xn, xq, T, &w->layer[WV][l], &r0, &r1);
+            matmul(m, s->k, in, T, &w->layer[WK][l], &r0, &r1);
+            for (int t = 0; t < T; t++)
+                rope(s->k + (size_t)t * kv_dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
+            store_keys(keys, s->k, T, pos, r0, r1, p, head_keys);
+            matmul(m, values + (size_t)pos * kv_dim, in, T, &w->layer[WV][l], &r0, &r1);
 #pragma omp barrier
 
             /* causal multi-head attention, one head per iteration: token t sees 0..pos+t */
@@ -738,7 +780,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             for (int h = 0; h < p->n_heads; h++) {
                 size_t kv_head = h / kv_mul, off = (size_t)h * head_size;
                 const float *hk = keys + kv_head * head_keys, *hv = values + kv_head * head_size;
-                float *att = s->att + (size_t)h * QUERY_BLOCK * p->seq_len;
+                float *att = s->att + (size_t)h * QUERY_BLOCK * att_stride(p);
                 int t = 0;
                 for (; t + QUERY_BLOCK <= T; t += QUERY_BLOCK)
                     attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, QUERY_BLOCK,
@@ -747,31 +789,29 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
                     attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, 1, hk, hv,
                            pos + t + 1, p, att);
             }
-            xq = quantize_mine(m, s->xb, T, dim);
-            matmul(m, s->xb2, s->xb, xq, T, &w->layer[WO][l], &r0, &r1);
+            in = prepare(m, s->xb, NULL, 0, T, dim);
+            matmul(m, s->xb2, in, T, &w->layer[WO][l], &r0, &r1);
             residual(s->x, s->xb2, T, dim, r0, r1);
 #pragma omp barrier
 
             /* SwiGLU: w2(silu(w1 x) * w3 x) */
-            xn = norm_mine(m, w->rms_ffn + (size_t)l * dim, 0, T);
-            xq = quantize_mine(m, xn, T, dim);
-            matmul(m, s->hb, xn, xq, T, &w->layer[W1][l], &r0, &r1);
-            matmul(m, s->hb2, xn, xq, T, &w->layer[W3][l], &r0, &r1);
+            in = prepare(m, s->x, w->rms_ffn + (size_t)l * dim, 0, T, dim);
+            matmul(m, s->hb, in, T, &w->layer[W1][l], &r0, &r1);
+            matmul(m, s->hb2, in, T, &w->layer[W3][l], &r0, &r1);
             for (int t = 0; t < T; t++) {
                 float *hb = s->hb + (size_t)t * hidden_dim, *hb2 = s->hb2 + (size_t)t * hidden_dim;
 #pragma omp simd
                 for (int i = r0; i < r1; i++) hb[i] = hb[i] / (1.0f + exp_fast(-hb[i])) * hb2[i];
             }
 #pragma omp barrier
-            xq = quantize_mine(m, s->hb, T, hidden_dim);
-            matmul(m, s->xb2, s->hb, xq, T, &w->layer[W2][l], &r0, &r1);
+            in = prepare(m, s->hb, NULL, 0, T, hidden_dim);
+            matmul(m, s->xb2, in, T, &w->layer[W2][l], &r0, &r1);
             residual(s->x, s->xb2, T, dim, r0, r1);
 #pragma omp barrier
         }
 
-        xn = norm_mine(m, w->rms_final, first, T);
-        xq = quantize_mine(m, xn, T - first, dim);
-        matmul(m, out, xn, xq, T - first, &w->wcls, &r0, &r1);
+        in = prepare(m, s->x, w->rms_final, first, T, dim);
+        matmul(m, out, in, T - first, &w->wcls, &r0, &r1);
     }
 }
 
