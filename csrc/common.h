@@ -51,7 +51,7 @@ static inline float exp_fast(float x) {
 static inline void softmax(float *x, int size) {
     float max_val = x[0];
 #pragma omp simd reduction(max : max_val)
-    for (int i = 1; i < size; i++) max_val = x[i] > max_val ? x[i] : max_val;
+    for (int i = 0; i < size; i++) max_val = x[i] > max_val ? x[i] : max_val;
     float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
     for (int i = 0; i < size; i++) {

@@ -41,6 +41,7 @@ static int omp_get_max_threads(void) { return 1; }
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
 #define QUERY_BLOCK 4     /* queries of one head scored together in prefill (see attend) */
 #define VALUE_TILE 16     /* dimensions of the value sums kept in registers (see attend) */
+#define NORM_ROWS 8       /* rows normalised side by side (see rmsnorm) */
 #define SOFTMAX_STEP 16   /* attention's softmax runs over multiples of this (see attend) */
 _Static_assert(KEY_BLOCK % SOFTMAX_STEP == 0, "a score row's room is a multiple of SOFTMAX_STEP");
 
@@ -552,11 +553,22 @@ const char *l2_model_kernel(const L2Model *m) { return m->kernels->name; }
 
 /* ---- the forward pass ---- */
 
-static void rmsnorm(float *o, const float *x, const float *weight, int size) {
-    float ss = 0.0f;
-    for (int j = 0; j < size; j++) ss += x[j] * x[j];
-    ss = 1.0f / sqrtf(ss / size + 1e-5f);
-    for (int j = 0; j < size; j++) o[j] = weight[j] * (ss * x[j]);
+/* rmsnorm of rows rows of x (size apart) into o. Each row's sum of squares adds up in
+ * order, one value after another; NORM_ROWS rows at a time, so that their sums proceed side by
+ * side instead of each addition waiting for the one before. */
+static void rmsnorm(float *o, const float *x, const float *weight, int size, int rows) {
+    for (int r0 = 0; r0 < rows; r0 += NORM_ROWS) {
+        int nr = rows - r0 < NORM_ROWS ? rows - r0 : NORM_ROWS;
+        const float *xr = x + (size_t)r0 * size;
+        float ss[NORM_ROWS] = {0};
+        for (int j = 0; j < size; j++)
+            for (int r = 0; r < nr; r++) ss[r] += xr[(size_t)r * size + j] * xr[(size_t)r * size + j];
+        for (int r = 0; r < nr; r++) {
+            float inv = 1.0f / sqrtf(ss[r] / size + 1e-5f);
+            float *or = o + (size_t)(r0 + r) * size;
+            for (int j = 0; j < size; j++) or[j] = weight[j] * (inv * xr[(size_t)r * size + j]);
+        }
+    }
 }
 
 /* Attention of nq queries of one head, of consecutive tokens, the last of which sees
@@ -643,8 +655,7 @@ static Input prepare(const L2Model *m, const float *src, const float *weight, in
     int z = shared ? t0 + (T - t0) * (id + 1) / n_threads : T;
     Input in = {src + (size_t)t0 * n, NULL};
     if (weight) {
-        for (int t = a; t < z; t++)
-            rmsnorm(b->xn + (size_t)(t - t0) * n, src + (size_t)t * n, weight, n);
+        rmsnorm(b->xn + (size_t)(a - t0) * n, src + (size_t)a * n, weight, n, z - a);
         in.x = b->xn;
     }
     if (m->cfg.version == 2) {
