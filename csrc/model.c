@@ -41,6 +41,7 @@ static int omp_get_max_threads(void) { return 1; }
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
 #define QUERY_BLOCK 4     /* queries of one head scored together in prefill (see attend) */
 #define VALUE_TILE 16     /* dimensions of the value sums kept in registers (see attend) */
+#define SPLIT_TOKENS 16   /* batches with this many tokens per thread are shared by tokens (see Share) */
 #define NORM_ROWS 8       /* rows normalised side by side (see rmsnorm) */
 #define SOFTMAX_STEP 16   /* attention's softmax runs over multiples of this (see attend) */
 _Static_assert(KEY_BLOCK % SOFTMAX_STEP == 0, "a score row's room is a multiple of SOFTMAX_STEP");
@@ -634,25 +635,47 @@ attend(float *out, const float *q, int nq, const float *keys, const float *value
         }
 }
 
+/* A thread's share of a batch: its tokens t0..t1-1, and of each matmul's rows those that
+ * matmul() gives it. By rows (by_tokens 0), every thread takes all the tokens and its share
+ * of each matmul's rows, and must wait for the others after each step whose output the next
+ * reads whole: nine barriers per layer (five when decoding, a batch of one). By tokens, for
+ * batches with SPLIT_TOKENS or more per thread, each takes its own tokens and all the rows:
+ * it reads every weight (the batch reuses each many times anyway), but its tokens stay its
+ * own from one matmul to the next, and it waits for the others only around attention,
+ * which reads every token's keys and values: two barriers per layer. */
+typedef struct {
+    int t0, t1;
+    int by_tokens;
+} Share;
+
+/* This thread's share of tokens t0..t1-1. */
+static Share share(int t0, int t1) {
+    int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), n = t1 - t0;
+    if (n_threads == 1 || n < SPLIT_TOKENS * n_threads) return (Share){t0, t1, 0};
+    /* whole steps of 8 tokens, as the int8 kernels take them, but for the last thread's */
+    int a = t0 + n * id / n_threads / 8 * 8;
+    int z = id == n_threads - 1 ? t1 : t0 + n * (id + 1) / n_threads / 8 * 8;
+    return (Share){a, z, 1};
+}
+
 /* A matmul's input: x for float32 weights, xq for int8 ones. */
 typedef struct {
     const float *x;
     const Q8Act *xq;
 } Input;
 
-/* Makes a matmul's input from rows t0..T-1 of src (row t at row t - t0 of the result):
- * rmsnormed by weight unless it is NULL, then quantized for int8 weights. Called by every
- * thread of a parallel region. One row (decoding): each thread makes it for itself, in its
- * own buffer, with no barrier to wait at. Several: the threads share the rows out, into
- * thread 0's buffer, and wait for each other; the caller must have put a barrier between
- * the last matmul that read that buffer and this call. */
-static Input prepare(const L2Model *m, const float *src, const float *weight, int t0, int T,
-                     int n) {
-    int n_threads = omp_get_num_threads(), id = omp_get_thread_num();
-    int shared = T - t0 > 1 && n_threads > 1, gs = m->cfg.group_size;
+/* Makes a matmul's input from rows sh.t0..sh.t1-1 of src (row t at row t - sh.t0 of the
+ * result): rmsnormed by weight unless it is NULL, then quantized for int8 weights. Called by
+ * every thread of a parallel region. By tokens, or a single row (decoding): each thread makes
+ * its own, in its own buffer, with no barrier to wait at. Several rows shared by rows: the
+ * threads share the rows out, into thread 0's buffer, and wait for each other; the caller
+ * must have put a barrier between the last matmul that read that buffer and this call. */
+static Input prepare(const L2Model *m, const float *src, const float *weight, Share sh, int n) {
+    int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), t0 = sh.t0;
+    int shared = !sh.by_tokens && sh.t1 - t0 > 1 && n_threads > 1, gs = m->cfg.group_size;
     ThreadBuffers *b = &m->s.mine[shared ? 0 : id];
-    int a = shared ? t0 + (T - t0) * id / n_threads : t0;
-    int z = shared ? t0 + (T - t0) * (id + 1) / n_threads : T;
+    int a = shared ? t0 + (sh.t1 - t0) * id / n_threads : t0;
+    int z = shared ? t0 + (sh.t1 - t0) * (id + 1) / n_threads : sh.t1;
     Input in = {src + (size_t)t0 * n, NULL};
     if (weight) {
         rmsnorm(b->xn + (size_t)(a - t0) * n, src + (size_t)a * n, weight, n, z - a);
@@ -670,26 +693,33 @@ static Input prepare(const L2Model *m, const float *src, const float *weight, in
     return in;
 }
 
-/* x += add, rows r0..r1-1 of each of T tokens: a matmul's output, on the rows that this
- * thread computed. */
-static void residual(float *x, const float *add, int T, int dim, int r0, int r1) {
-    for (int t = 0; t < T; t++)
+/* x += add, the thread's tokens, rows r0..r1-1: a matmul's output, where this thread
+ * computed it. */
+static void residual(float *x, const float *add, Share sh, int dim, int r0, int r1) {
+    for (int t = sh.t0; t < sh.t1; t++)
         for (int i = r0; i < r1; i++) x[(size_t)t * dim + i] += add[(size_t)t * dim + i];
 }
 
-/* out (T, w->d) = x (T, w->n) @ W^T, for this thread's share of the rows, which it returns
- * in r0..r1-1 (contiguous, starting at a multiple of KERNEL_ROWS, so also even). Called
- * inside a parallel region: the threads already running split the rows (starting a team
- * per matmul costs more than a small matmul), with no barrier at the end, so that what
- * follows on the same rows needs none either; callers put the barriers. */
-static void matmul(const L2Model *m, float *out, Input in, int T, const Mat *w, int *r0,
-                   int *r1) {
-    int n_threads = omp_get_num_threads(), id = omp_get_thread_num();
-    *r0 = (int)((long long)w->d * id / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
-    *r1 = id == n_threads - 1
-              ? w->d
-              : (int)((long long)w->d * (id + 1) / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
-    if (*r0 >= *r1) return;
+/* out = x @ W^T for this thread's tokens (out's row 0 is token `first`'s, x's row 0 token
+ * sh.t0's) and its rows of W, which it returns in r0..r1-1 (contiguous, starting at a
+ * multiple of KERNEL_ROWS, so also even). Called inside a parallel region: the threads
+ * already running split the work (starting a team per matmul costs more than a small
+ * matmul), with no barrier at the end, so that what follows on the same rows needs none
+ * either; callers put the barriers. */
+static void matmul(const L2Model *m, float *out, int first, Input in, Share sh, const Mat *w,
+                   int *r0, int *r1) {
+    int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), T = sh.t1 - sh.t0;
+    if (sh.by_tokens) {
+        *r0 = 0;
+        *r1 = w->d;
+    } else {
+        *r0 = (int)((long long)w->d * id / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
+        *r1 = id == n_threads - 1
+                  ? w->d
+                  : (int)((long long)w->d * (id + 1) / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
+    }
+    if (*r0 >= *r1 || T <= 0) return;
+    out += (size_t)(sh.t0 - first) * w->d;
     if (w->q8.q)
         m->kernels->matmul_q8(out, in.xq, &w->q8, T, w->n, w->d, m->cfg.group_size, *r0, *r1);
     else
@@ -711,17 +741,18 @@ static void rope(float *vec, int r0, int r1, int head_size, const float *cs) {
     }
 }
 
-/* Stores values r0..r1-1 of the T keys in k (rows kv_dim apart) at positions pos.. in one
- * layer's key cache (see attend for its layout): value by value, so that the positions of
- * one value, which lie side by side there, are written in order. */
-static void store_keys(float *keys, const float *k, int T, int pos, int r0, int r1,
+/* Stores values r0..r1-1 of the keys of tokens t0..t1-1 (rows of k, kv_dim apart; token t
+ * at position pos + t) in one layer's key cache (see attend for its layout): value by
+ * value, so that the positions of one value, which lie side by side there, are written in
+ * order. */
+static void store_keys(float *keys, const float *k, int t0, int t1, int pos, int r0, int r1,
                        const L2Config *p, size_t head_keys) {
     int head_size = p->dim / p->n_heads, kv_dim = head_size * p->n_kv_heads;
     for (int h0 = r0 / head_size * head_size; h0 < r1; h0 += head_size) {
         int i1 = h0 + head_size < r1 ? h0 + head_size : r1;
         for (int i = h0 > r0 ? h0 : r0; i < i1; i++) {
             float *dst = keys + (size_t)(h0 / head_size) * head_keys + (size_t)(i - h0) * KEY_BLOCK;
-            for (int t = 0; t < T; t++) {
+            for (int t = t0; t < t1; t++) {
                 size_t u = (size_t)pos + t;
                 dst[u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK] = k[(size_t)t * kv_dim + i];
             }
@@ -763,11 +794,11 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
         }
     }
 
-    /* Each thread computes its share of a matmul's rows and whatever follows on those rows
-     * alone (RoPE, SwiGLU, the residual); the barriers are where a step needs rows that
-     * other threads computed. */
+    /* Each thread computes its share of the work (see Share), and whatever follows on the
+     * same tokens and rows alone (RoPE, SwiGLU, the residual). */
 #pragma omp parallel num_threads(m->n_threads)
     {
+        Share sh = share(0, T);
         int r0, r1;
         Input in;
         for (int l = 0; l < p->n_layers; l++) {
@@ -775,15 +806,15 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             float *values = s->value_cache + (size_t)l * p->seq_len * kv_dim;
 
             /* q, k (both rotated) and v */
-            in = prepare(m, s->x, w->rms_att + (size_t)l * dim, 0, T, dim);
-            matmul(m, s->q, in, T, &w->layer[WQ][l], &r0, &r1);
-            for (int t = 0; t < T; t++)
+            in = prepare(m, s->x, w->rms_att + (size_t)l * dim, sh, dim);
+            matmul(m, s->q, 0, in, sh, &w->layer[WQ][l], &r0, &r1);
+            for (int t = sh.t0; t < sh.t1; t++)
                 rope(s->q + (size_t)t * dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
-            matmul(m, s->k, in, T, &w->layer[WK][l], &r0, &r1);
-            for (int t = 0; t < T; t++)
+            matmul(m, s->k, 0, in, sh, &w->layer[WK][l], &r0, &r1);
+            for (int t = sh.t0; t < sh.t1; t++)
                 rope(s->k + (size_t)t * kv_dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
-            store_keys(keys, s->k, T, pos, r0, r1, p, head_keys);
-            matmul(m, values + (size_t)pos * kv_dim, in, T, &w->layer[WV][l], &r0, &r1);
+            store_keys(keys, s->k, sh.t0, sh.t1, pos, r0, r1, p, head_keys);
+            matmul(m, values + (size_t)pos * kv_dim, 0, in, sh, &w->layer[WV][l], &r0, &r1);
 #pragma omp barrier
 
             /* causal multi-head attention, one head per iteration: token t sees 0..pos+t */
@@ -800,29 +831,40 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
                     attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, 1, hk, hv,
                            pos + t + 1, p, att);
             }
-            in = prepare(m, s->xb, NULL, 0, T, dim);
-            matmul(m, s->xb2, in, T, &w->layer[WO][l], &r0, &r1);
-            residual(s->x, s->xb2, T, dim, r0, r1);
+            in = prepare(m, s->xb, NULL, sh, dim);
+            matmul(m, s->xb2, 0, in, sh, &w->layer[WO][l], &r0, &r1);
+            residual(s->x, s->xb2, sh, dim, r0, r1);
+            if (!sh.by_tokens) {
 #pragma omp barrier
+            }
 
             /* SwiGLU: w2(silu(w1 x) * w3 x) */
-            in = prepare(m, s->x, w->rms_ffn + (size_t)l * dim, 0, T, dim);
-            matmul(m, s->hb, in, T, &w->layer[W1][l], &r0, &r1);
-            matmul(m, s->hb2, in, T, &w->layer[W3][l], &r0, &r1);
-            for (int t = 0; t < T; t++) {
+            in = prepare(m, s->x, w->rms_ffn + (size_t)l * dim, sh, dim);
+            matmul(m, s->hb, 0, in, sh, &w->layer[W1][l], &r0, &r1);
+            matmul(m, s->hb2, 0, in, sh, &w->layer[W3][l], &r0, &r1);
+            for (int t = sh.t0; t < sh.t1; t++) {
                 float *hb = s->hb + (size_t)t * hidden_dim, *hb2 = s->hb2 + (size_t)t * hidden_dim;
 #pragma omp simd
                 for (int i = r0; i < r1; i++) hb[i] = hb[i] / (1.0f + exp_fast(-hb[i])) * hb2[i];
             }
+            if (!sh.by_tokens) {
 #pragma omp barrier
-            in = prepare(m, s->hb, NULL, 0, T, hidden_dim);
-            matmul(m, s->xb2, in, T, &w->layer[W2][l], &r0, &r1);
-            residual(s->x, s->xb2, T, dim, r0, r1);
+            }
+            in = prepare(m, s->hb, NULL, sh, hidden_dim);
+            matmul(m, s->xb2, 0, in, sh, &w->layer[W2][l], &r0, &r1);
+            residual(s->x, s->xb2, sh, dim, r0, r1);
+            if (!sh.by_tokens) {
 #pragma omp barrier
+            }
         }
 
-        in = prepare(m, s->x, w->rms_final, first, T, dim);
-        matmul(m, out, in, T - first, &w->wcls, &r0, &r1);
+        /* the logits of tokens first..T-1 */
+        Share last = share(first, T);
+        if (sh.by_tokens && !last.by_tokens) { /* then they need rows of x other threads made */
+#pragma omp barrier
+        }
+        in = prepare(m, s->x, w->rms_final, last, dim);
+        matmul(m, out, first, in, last, &w->wcls, &r0, &r1);
     }
 }
 

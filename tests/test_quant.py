@@ -279,14 +279,17 @@ def test_prefill_checks_its_range(tmp_path):
 
 
 @pytest.mark.parametrize("version", [1, 2])
-def test_thread_count_does_not_change_logits(tmp_path, version):
+@pytest.mark.parametrize("n_tokens", [12, 100], ids=["threads-share-rows", "threads-share-tokens"])
+def test_thread_count_does_not_change_logits(tmp_path, version, n_tokens):
+    # a batch of 100 has 16 or more tokens for each of 3 threads: they share it by tokens
     model = random_model(seed=19, **GQA)
     path = write_model_bin(model, tmp_path / "m.bin", version)
+    tokens = list(np.random.default_rng(1).integers(0, GQA["vocab_size"], n_tokens))
     results = []
     for threads in (1, 2, 3):
         cmodel = CModel(path)
         assert cmodel.set_threads(threads) == threads
-        results.append(cmodel.prefill(TOKENS))
+        results.append(cmodel.prefill(tokens))
     for got in results[1:]:
         assert relative_max_diff(got, results[0]) < TOLERANCE[version]
 
