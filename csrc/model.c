@@ -742,21 +742,25 @@ static void rope(float *vec, int r0, int r1, int head_size, const float *cs) {
 }
 
 /* Stores values r0..r1-1 of the keys of tokens t0..t1-1 (rows of k, kv_dim apart; token t
- * at position pos + t) in one layer's key cache (see attend for its layout): value by
- * value, so that the positions of one value, which lie side by side there, are written in
- * order. */
+ * at position pos + t) in one layer's key cache (see attend for its layout). A run of
+ * positions within one block of the cache lies side by side there: run by run, value by
+ * value, each run written in order. */
 static void store_keys(float *keys, const float *k, int t0, int t1, int pos, int r0, int r1,
                        const L2Config *p, size_t head_keys) {
     int head_size = p->dim / p->n_heads, kv_dim = head_size * p->n_kv_heads;
-    for (int h0 = r0 / head_size * head_size; h0 < r1; h0 += head_size) {
-        int i1 = h0 + head_size < r1 ? h0 + head_size : r1;
-        for (int i = h0 > r0 ? h0 : r0; i < i1; i++) {
-            float *dst = keys + (size_t)(h0 / head_size) * head_keys + (size_t)(i - h0) * KEY_BLOCK;
-            for (int t = t0; t < t1; t++) {
-                size_t u = (size_t)pos + t;
-                dst[u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK] = k[(size_t)t * kv_dim + i];
+    for (int t = t0; t < t1;) {
+        size_t u = (size_t)pos + t, at = u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK;
+        int run = KEY_BLOCK - (int)(u % KEY_BLOCK) < t1 - t ? KEY_BLOCK - (int)(u % KEY_BLOCK) : t1 - t;
+        for (int h0 = r0 / head_size * head_size; h0 < r1; h0 += head_size) {
+            float *head = keys + (size_t)(h0 / head_size) * head_keys + at;
+            int i1 = h0 + head_size < r1 ? h0 + head_size : r1;
+            for (int i = h0 > r0 ? h0 : r0; i < i1; i++) {
+                float *dst = head + (size_t)(i - h0) * KEY_BLOCK;
+                const float *src = k + (size_t)t * kv_dim + i;
+                for (int j = 0; j < run; j++) dst[j] = src[(size_t)j * kv_dim];
             }
         }
+        t += run;
     }
 }
 
