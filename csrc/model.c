@@ -775,6 +775,21 @@ static void embed(const L2Model *m, float *x, int token) {
     for (int j = 0; j < e->n; j++) x[j] = e->q8.q[row + j] * e->q8.s[(row + j) / gs];
 }
 
+/* The embeddings of tokens t0..t1-1 of the batch (positions pos + t), into x, and the cos
+ * and sin of their RoPE angles (the same for every head and layer). */
+static void begin(L2Model *m, const int *tokens, int t0, int t1, int pos) {
+    int dim = m->cfg.dim, head_size = dim / m->cfg.n_heads;
+    for (int t = t0; t < t1; t++) {
+        embed(m, m->s.x + (size_t)t * dim, tokens[t]);
+        for (int i = 0; i < head_size; i += 2) {
+            float freq = 1.0f / powf(10000.0f, i / (float)head_size);
+            float val = (pos + t) * freq;
+            m->s.rope[(size_t)t * head_size + i] = cosf(val);
+            m->s.rope[(size_t)t * head_size + i + 1] = sinf(val);
+        }
+    }
+}
+
 /* Runs tokens[0..T) (T <= PREFILL_CHUNK) at positions pos..pos+T-1, and writes the logits
  * of tokens first..T-1 to out ((T - first) rows of vocab_size). */
 static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int first, float *out) {
@@ -787,17 +802,6 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
     int kv_mul = p->n_heads / p->n_kv_heads; /* query heads sharing one kv head */
     size_t head_keys = key_blocks(p) * head_size * KEY_BLOCK; /* the key cache of one kv head */
 
-    for (int t = 0; t < T; t++) {
-        embed(m, s->x + (size_t)t * dim, tokens[t]);
-        /* RoPE angles: the same for every head and layer */
-        for (int i = 0; i < head_size; i += 2) {
-            float freq = 1.0f / powf(10000.0f, i / (float)head_size);
-            float val = (pos + t) * freq;
-            s->rope[(size_t)t * head_size + i] = cosf(val);
-            s->rope[(size_t)t * head_size + i + 1] = sinf(val);
-        }
-    }
-
     /* Each thread computes its share of the work (see Share), and whatever follows on the
      * same tokens and rows alone (RoPE, SwiGLU, the residual). */
 #pragma omp parallel num_threads(m->n_threads)
@@ -805,6 +809,12 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
         Share sh = share(0, T);
         int r0, r1;
         Input in;
+        if (sh.by_tokens) {
+            begin(m, tokens, sh.t0, sh.t1, pos);
+        } else { /* every thread needs every token's */
+#pragma omp single
+            begin(m, tokens, 0, T, pos);
+        }
         for (int l = 0; l < p->n_layers; l++) {
             float *keys = s->key_cache + (size_t)l * p->n_kv_heads * head_keys; /* this layer's */
             float *values = s->value_cache + (size_t)l * p->seq_len * kv_dim;
