@@ -572,36 +572,77 @@ static void rmsnorm(float *o, const float *x, const float *weight, int size, int
     }
 }
 
-/* Attention of nq queries of one head, of consecutive tokens, the last of which sees
- * positions 0..n_pos-1 (causal: query j sees n_pos - nq + 1 + j of them): the scores into
- * att (row j at att + j * att_stride), softmax, and the weighted sums of the values into
- * out (row j at out + j * dim); queries are dim apart too. The keys are stored
+/* Part of attend: the scores of nq queries against positions u0.. in passes of `blocks`
+ * blocks of keys, while every block of a pass starts before n_pos (so it is in the cache);
+ * returns where it stopped. acc's row j * blocks + b holds query j's scores against the
+ * pass's block b: for a single query, QUERY_BLOCK blocks at a time, as many independent
+ * sums (one alone would wait on each addition). */
+static inline __attribute__((always_inline)) int
+scores(float *att, size_t stride, const float *q, int nq, int blocks, const float *keys, int u0,
+       int n_pos, int head_size, int dim, float scale) {
+    for (; u0 + (blocks - 1) * KEY_BLOCK < n_pos; u0 += blocks * KEY_BLOCK) {
+        float acc[QUERY_BLOCK][KEY_BLOCK] = {{0}};
+        for (int i = 0; i < head_size; i++)
+            for (int b = 0; b < blocks; b++) {
+                const float *k = keys + ((size_t)(u0 + b * KEY_BLOCK) * head_size + (size_t)i * KEY_BLOCK);
+                for (int j = 0; j < nq; j++) {
+                    float qi = q[(size_t)j * dim + i];
+#pragma omp simd
+                    for (int u = 0; u < KEY_BLOCK; u++) acc[j * blocks + b][u] += qi * k[u];
+                }
+            }
+        for (int j = 0; j < nq; j++)
+            for (int b = 0; b < blocks; b++)
+#pragma omp simd
+                for (int u = 0; u < KEY_BLOCK; u++)
+                    att[j * stride + u0 + b * KEY_BLOCK + u] = acc[j * blocks + b][u] * scale;
+    }
+    return u0;
+}
+
+/* Part of attend: the weighted sums of the values, dimensions i0.. of nq queries, in passes of
+ * `tiles` tiles of VALUE_TILE dimensions, while whole passes fit in the head; returns where it
+ * stopped. The sums stay in registers while the positions stream by, and each value vector
+ * loaded serves every query; acc's row j * tiles + c is query j's tile c: for a single query,
+ * QUERY_BLOCK tiles at a time, as many independent sums. */
+static inline __attribute__((always_inline)) int
+value_sums(float *out, const float *att, size_t stride, const float *values, size_t kv_dim,
+           int n_pos, int nq, int tiles, int i0, int head_size, int dim) {
+    for (; i0 + tiles * VALUE_TILE <= head_size; i0 += tiles * VALUE_TILE) {
+        float acc[QUERY_BLOCK][VALUE_TILE] = {{0}};
+        for (int u = 0; u < n_pos; u++) {
+            const float *v = values + (size_t)u * kv_dim + i0;
+            for (int j = 0; j < nq; j++) {
+                float a = att[j * stride + u];
+                for (int c = 0; c < tiles; c++)
+#pragma omp simd
+                    for (int i = 0; i < VALUE_TILE; i++) acc[j * tiles + c][i] += a * v[c * VALUE_TILE + i];
+            }
+        }
+        for (int j = 0; j < nq; j++)
+            memcpy(out + (size_t)j * dim + i0, acc[j * tiles], tiles * sizeof(acc[0]));
+    }
+    return i0;
+}
+
+/* Attention of nq queries (QUERY_BLOCK or 1) of one head, of consecutive tokens, the last of
+ * which sees positions 0..n_pos-1 (causal: query j sees n_pos - nq + 1 + j of them): the
+ * scores into att (row j at att + j * att_stride), softmax, and the weighted sums of the
+ * values into out (row j at out + j * dim); queries are dim apart too. The keys are stored
  * transposed within blocks of KEY_BLOCK positions: dimension i of position u at
  * keys[((u / KEY_BLOCK) * head_size + i) * KEY_BLOCK + u % KEY_BLOCK], so that scores come
  * out KEY_BLOCK positions at a time in vector registers, with no horizontal sums, from
  * one contiguous stretch of memory per block, and each key vector loaded serves all nq
  * queries. Scores past a query's own positions are computed and ignored. Values of successive
- * positions are kv_dim apart. Always inlined: with nq a constant, acc stays in registers. */
+ * positions are kv_dim apart. Always inlined: with nq a constant, the sums stay in registers. */
 static inline __attribute__((always_inline)) void
 attend(float *out, const float *q, int nq, const float *keys, const float *values, int n_pos,
        const L2Config *p, float *att) {
     int dim = p->dim, head_size = dim / p->n_heads;
     size_t kv_dim = (size_t)head_size * p->n_kv_heads, stride = att_stride(p);
     float scale = 1.0f / sqrtf((float)head_size);
-    for (int u0 = 0; u0 < n_pos; u0 += KEY_BLOCK) {
-        float acc[QUERY_BLOCK][KEY_BLOCK] = {{0}};
-        for (int i = 0; i < head_size; i++) {
-            const float *k = keys + ((size_t)u0 * head_size + (size_t)i * KEY_BLOCK);
-            for (int j = 0; j < nq; j++) {
-                float qi = q[(size_t)j * dim + i];
-#pragma omp simd
-                for (int u = 0; u < KEY_BLOCK; u++) acc[j][u] += qi * k[u];
-            }
-        }
-        for (int j = 0; j < nq; j++)
-#pragma omp simd
-            for (int u = 0; u < KEY_BLOCK; u++) att[j * stride + u0 + u] = acc[j][u] * scale;
-    }
+    int u0 = scores(att, stride, q, nq, QUERY_BLOCK / nq, keys, 0, n_pos, head_size, dim, scale);
+    if (nq < QUERY_BLOCK) scores(att, stride, q, nq, 1, keys, u0, n_pos, head_size, dim, scale);
     for (int j = 0; j < nq; j++) {
         /* softmax over a whole number of SOFTMAX_STEPs, the scores past the query's own
          * positions set to -inf (e^-inf, clamped, is 1e-38: nothing, next to the max's 1),
@@ -612,21 +653,9 @@ attend(float *out, const float *q, int nq, const float *keys, const float *value
         softmax(a, padded);
         memset(a + n, 0, (size_t)(n_pos - n) * sizeof(float));
     }
-    /* the weighted sums of the values, VALUE_TILE dimensions of all nq outputs at a time in
-     * registers while the positions stream by: each value vector loaded serves every query */
-    int i0 = 0;
-    for (; i0 + VALUE_TILE <= head_size; i0 += VALUE_TILE) {
-        float acc[QUERY_BLOCK][VALUE_TILE] = {{0}};
-        for (int u = 0; u < n_pos; u++) {
-            const float *v = values + (size_t)u * kv_dim + i0;
-            for (int j = 0; j < nq; j++) {
-                float a = att[j * stride + u];
-#pragma omp simd
-                for (int i = 0; i < VALUE_TILE; i++) acc[j][i] += a * v[i];
-            }
-        }
-        for (int j = 0; j < nq; j++) memcpy(out + (size_t)j * dim + i0, acc[j], sizeof(acc[j]));
-    }
+    int i0 = value_sums(out, att, stride, values, kv_dim, n_pos, nq, QUERY_BLOCK / nq, 0, head_size, dim);
+    if (nq < QUERY_BLOCK)
+        i0 = value_sums(out, att, stride, values, kv_dim, n_pos, nq, 1, i0, head_size, dim);
     for (int j = 0; j < nq; j++) /* a head_size that is no multiple of VALUE_TILE: the rest */
         for (int i = i0; i < head_size; i++) {
             float sum = 0.0f;
