@@ -34,6 +34,9 @@ UNTIED = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=192, max_s
               shared_classifier=False)
 # group size 2: the int8 sections hold an odd number of pairs of bytes, so the scales after
 # them sit at unaligned offsets (the loader copies them)
+# head_size 80: a single query's value sums take 4 tiles of 16 dimensions at a time, then 1;
+# past 96 positions its scores take 4 blocks of 32 keys at a time, then 1
+WIDE_HEADS = dict(dim=160, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=256, max_seq_len=300, vocab_size=300)
 ODD = dict(dim=6, n_layers=2, n_heads=1, n_kv_heads=1, hidden_dim=10, max_seq_len=16, vocab_size=7)
 TOKENS = [1, 45, 7, 200, 13, 99, 3, 150, 250, 42, 8, 77]
 # Kernels differ only in the order of float additions. With int8 weights that can move an
@@ -265,6 +268,17 @@ def test_prefill_equals_token_by_token_across_batches(monkeypatch, tmp_path, ver
     batched = kernel_model(monkeypatch, path, kernel)
     got = np.concatenate([batched.prefill(tokens[:5]), batched.prefill(tokens[5:], pos=5)])
     assert relative_max_diff(got, expected) < TOLERANCE[version]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_wide_heads_match_pytorch_token_by_token_and_batched(monkeypatch, tmp_path, kernel):
+    model = random_model(seed=21, **WIDE_HEADS)
+    path = write_model_bin(model, tmp_path / "m.bin", 1)
+    tokens = list(np.random.default_rng(2).integers(0, WIDE_HEADS["vocab_size"], 200))
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens]))[0].numpy()
+    assert relative_max_diff(token_by_token(kernel_model(monkeypatch, path, kernel), tokens), expected) < 1e-4
+    assert relative_max_diff(kernel_model(monkeypatch, path, kernel).prefill(tokens), expected) < 1e-4
 
 
 def test_prefill_checks_its_range(tmp_path):
