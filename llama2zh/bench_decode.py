@@ -4,7 +4,7 @@ PyTorch, measured in the same run.
 Random models of llama2.c's 15M, 42M and 110M shapes with the 32000- and 55296-piece vocabs,
 written as model.bin v1 (float32) and v2 (int8, Q8_0 groups). For each, at 1 and 2 threads:
 
-  decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of a few runs,
+  decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of C_ROUNDS runs,
            after one untimed run, and taking turns with the other weights, so that a
            burst of load from elsewhere, or a file paged out meanwhile, hits none alone);
   prefill  a 128-token prompt through l2_model_prefill (the binding), tokens / second (best
@@ -37,7 +37,7 @@ from llama2zh.model import ModelArgs, Transformer
 from llama2zh.paths import ROOT
 from llama2zh.vocab.export import write_tokenizer_bin
 
-SHAPES = {  # llama2.c's, with its repeats here: the big ones are slow to run
+SHAPES = {  # llama2.c's, with PyTorch's repeats here: the big ones are slow to run
     "15M": (dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, hidden_dim=768, max_seq_len=256), 3),
     "42M": (dict(dim=512, n_layers=8, n_heads=8, n_kv_heads=8, hidden_dim=1376, max_seq_len=1024), 2),
     "110M": (dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, hidden_dim=2048, max_seq_len=1024), 1),
@@ -45,6 +45,7 @@ SHAPES = {  # llama2.c's, with its repeats here: the big ones are slow to run
 VOCABS = (32000, 55296)
 STEPS = 256
 PROMPT = 128
+C_ROUNDS = 3  # decode rounds of the C engine, every shape: a single 110M run was at the noise's mercy
 PREFILL_RUNS, PREFILL_SECONDS = 20, 2.0
 THREADS = (1, 2)
 
@@ -137,7 +138,7 @@ def torch_rates(model: Transformer, threads: int, repeats: int) -> tuple[float, 
 
 def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: float) -> list[Row]:
     shape, repeats = SHAPES[name]
-    repeats = max(1, round(repeats * repeats_scale))
+    repeats, rounds = (max(1, round(n * repeats_scale)) for n in (repeats, C_ROUNDS))
     model = random_model(shape, vocab)
     fp32 = write_model_bin(model, work / f"{name}_{vocab}_v1.bin", 1)
     int8 = write_model_bin(model, work / f"{name}_{vocab}_v2.bin", 2)
@@ -146,7 +147,7 @@ def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: 
     rows = []
     for threads in threads_list:
         decode_runs = [[c_decode(path, tokenizer, kernel, threads) for _, path, kernel in variants]
-                       for _ in range(repeats + 1)][1:]  # the first round warms the files
+                       for _ in range(rounds + 1)][1:]  # the first round warms the files
         for (label, path, kernel), decode in zip(variants, map(max, zip(*decode_runs))):
             prefill, used = c_prefill(path, kernel, threads)
             label = label if kernel else f"{label} {used}"
@@ -173,7 +174,7 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     parser.add_argument("--vocabs", nargs="+", type=int, default=list(VOCABS))
     parser.add_argument("--threads", nargs="+", type=int, default=list(THREADS))
-    parser.add_argument("--repeats", type=float, default=1.0, help="scales each shape's number of repeats")
+    parser.add_argument("--repeats", type=float, default=1.0, help="scales the number of timed runs (the C rounds and each shape's PyTorch repeats)")
     args = parser.parse_args()
     work = ROOT / "build" / "bench"
     work.mkdir(parents=True, exist_ok=True)
