@@ -17,6 +17,7 @@ from llama2zh.config import ConfigError, load_config
 from llama2zh.errors import UserError
 
 EXPORT_VERSIONS = (0, 1, 2)
+ROUNDINGS = ("mse", "llama2c")  # llama2zh.export's, named here so that --help needs no torch
 TRANSLATE_BACKENDS = ("google", "mymemory")  # corpus.client.BACKENDS; named here to spare deep-translator's import
 
 
@@ -64,8 +65,9 @@ def cmd_export(args, overrides: list[str]) -> int:
     from llama2zh.checkpoint import load_checkpoint
     from llama2zh.export import default_group_size, divides_inner_dims, read_model_bin, write_model_bin
 
-    if args.group_size is not None and args.version != 2:
-        raise ConfigError("--group-size applies to --version 2 only")
+    for flag, value in (("--group-size", args.group_size), ("--rounding", args.rounding)):
+        if value is not None and args.version != 2:
+            raise ConfigError(f"{flag} applies to --version 2 only")
 
     source: Path = args.source
     if source.is_dir():
@@ -79,7 +81,7 @@ def cmd_export(args, overrides: list[str]) -> int:
     group_size = args.group_size
     if args.version == 2 and group_size is None:
         group_size = default_group_size(model.args)
-    write_model_bin(model, out, version=args.version, group_size=group_size)
+    write_model_bin(model, out, version=args.version, group_size=group_size, rounding=args.rounding or "mse")
     detail = f", group size {group_size}" if args.version == 2 else ""
     print(f"wrote {out} (version {args.version}{detail}, {out.stat().st_size:,} bytes)")
     if args.version == 2 and not divides_inner_dims(model.args, group_size):
@@ -245,6 +247,9 @@ def build_parser() -> Parser:
                    help="v2: values per int8 group (default 64, halved until it divides dim and hidden_dim); "
                    "each group's scale is the one of max|w|/127 (llama2.c's) and up to 1%% smaller that "
                    "rounds it with the least squared error")
+    p.add_argument("--rounding", choices=ROUNDINGS,
+                   help="v2: how each group's scale is picked: mse (the default, as above) or llama2c "
+                   "(max|w|/127 alone: the bytes llama2.c's export.py writes)")
     p.add_argument("--out", type=Path, help="output file (default out/RUN/model.bin)")
     p.set_defaults(func=cmd_export)
 

@@ -14,10 +14,12 @@ import numpy as np
 import pytest
 import torch
 
+from llama2zh import cli
 from llama2zh.cli import main
 from llama2zh.engine import CModel, CTokenizer, EngineError, run_binary
 from llama2zh.errors import UserError
 from llama2zh.export import (
+    ROUNDINGS,
     default_group_size,
     quantize_q80,
     read_header,
@@ -163,6 +165,17 @@ def test_cli_exports_v2_with_a_group_size(tmp_path, capsys):
     assert main(["export", str(v1), "--version", "2", "--out", str(tmp_path / "d.bin")]) == 0
     assert read_header(tmp_path / "d.bin").group_size == 32
     assert main(["export", str(v1), "--version", "1", "--group-size", "16", "--out", str(tmp_path / "x.bin")]) == 2
+
+
+def test_cli_exports_llama2c_s_v2_bytes_with_its_rounding(tmp_path):
+    out = tmp_path / "v2.bin"
+    args = ["export", str(shared_file("models/stories260K.bin")), "--version", "2", "--group-size", "64", "--out", str(out)]
+    assert main(args + ["--rounding", "llama2c"]) == 0
+    assert out.read_bytes() == shared_file("reference/stories260K_llama2c_v2.bin").read_bytes()
+    assert main(args) == 0  # the default rounding picks other scales
+    assert out.read_bytes() != shared_file("reference/stories260K_llama2c_v2.bin").read_bytes()
+    assert main(args[:2] + ["--version", "1", "--rounding", "llama2c", "--out", str(out)]) == 2
+    assert cli.ROUNDINGS == ROUNDINGS
 
 
 def test_cli_warns_when_the_engine_cannot_run_the_group_size(tmp_path, capsys):
