@@ -677,14 +677,18 @@ typedef struct {
     int by_tokens;
 } Share;
 
+/* Where thread k's part of lo..hi-1 begins when the team splits it evenly, in whole units
+ * (k = the team's size: hi, so the last part takes what the units leave over). */
+static int part_start(int lo, int hi, int k, int unit) {
+    int n_threads = omp_get_num_threads();
+    return k >= n_threads ? hi : lo + (int)((long long)(hi - lo) * k / n_threads) / unit * unit;
+}
+
 /* This thread's share of tokens t0..t1-1. */
 static Share share(int t0, int t1) {
-    int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), n = t1 - t0;
-    if (n_threads == 1 || n < SPLIT_TOKENS * n_threads) return (Share){t0, t1, 0};
-    /* whole steps of 8 tokens, as the int8 kernels take them, but for the last thread's */
-    int a = t0 + n * id / n_threads / 8 * 8;
-    int z = id == n_threads - 1 ? t1 : t0 + n * (id + 1) / n_threads / 8 * 8;
-    return (Share){a, z, 1};
+    int n_threads = omp_get_num_threads(), id = omp_get_thread_num();
+    if (n_threads == 1 || t1 - t0 < SPLIT_TOKENS * n_threads) return (Share){t0, t1, 0};
+    return (Share){part_start(t0, t1, id, KERNEL_TOKENS), part_start(t0, t1, id + 1, KERNEL_TOKENS), 1};
 }
 
 /* A matmul's input: x for float32 weights, xq for int8 ones. */
@@ -700,11 +704,11 @@ typedef struct {
  * threads share the rows out, into thread 0's buffer, and wait for each other; the caller
  * must have put a barrier between the last matmul that read that buffer and this call. */
 static Input prepare(const L2Model *m, const float *src, const float *weight, Share sh, int n) {
-    int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), t0 = sh.t0;
-    int shared = !sh.by_tokens && sh.t1 - t0 > 1 && n_threads > 1, gs = m->cfg.group_size;
+    int id = omp_get_thread_num(), t0 = sh.t0, gs = m->cfg.group_size;
+    int shared = !sh.by_tokens && sh.t1 - t0 > 1 && omp_get_num_threads() > 1;
     ThreadBuffers *b = &m->s.mine[shared ? 0 : id];
-    int a = shared ? t0 + (sh.t1 - t0) * id / n_threads : t0;
-    int z = shared ? t0 + (sh.t1 - t0) * (id + 1) / n_threads : sh.t1;
+    int a = shared ? part_start(t0, sh.t1, id, 1) : t0;
+    int z = shared ? part_start(t0, sh.t1, id + 1, 1) : sh.t1;
     Input in = {src + (size_t)t0 * n, NULL};
     if (weight) {
         rmsnorm(b->xn + (size_t)(a - t0) * n, src + (size_t)a * n, weight, n, z - a);
@@ -737,16 +741,9 @@ static void residual(float *x, const float *add, Share sh, int dim, int r0, int 
  * either; callers put the barriers. */
 static void matmul(const L2Model *m, float *out, int first, Input in, Share sh, const Mat *w,
                    int *r0, int *r1) {
-    int n_threads = omp_get_num_threads(), id = omp_get_thread_num(), T = sh.t1 - sh.t0;
-    if (sh.by_tokens) {
-        *r0 = 0;
-        *r1 = w->d;
-    } else {
-        *r0 = (int)((long long)w->d * id / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
-        *r1 = id == n_threads - 1
-                  ? w->d
-                  : (int)((long long)w->d * (id + 1) / n_threads) / KERNEL_ROWS * KERNEL_ROWS;
-    }
+    int id = omp_get_thread_num(), T = sh.t1 - sh.t0;
+    *r0 = sh.by_tokens ? 0 : part_start(0, w->d, id, KERNEL_ROWS);
+    *r1 = sh.by_tokens ? w->d : part_start(0, w->d, id + 1, KERNEL_ROWS);
     if (*r0 >= *r1 || T <= 0) return;
     out += (size_t)(sh.t0 - first) * w->d;
     if (w->q8.q)

@@ -299,7 +299,7 @@ AVX512 static void quantize_q8_avx512(int8_t *q, float *s, int32_t *sum, const f
  * and x stays signed, so each group's sum is off by 128 * sum(x), which quantize_q8 has
  * computed. */
 #define BLOCK 16 /* = KERNEL_ROWS */
-#define T_STEP 8 /* tokens per pass in prefill: each weight vector loaded serves this many */
+#define T_STEP KERNEL_TOKENS /* tokens per pass in prefill: each weight vector loaded serves this many */
 
 static size_t group_bytes(int gs) { return BLOCK * ((size_t)gs + sizeof(float)); }
 static size_t block_bytes(int n, int gs) { return (size_t)(n / gs) * group_bytes(gs); }

@@ -45,6 +45,9 @@ typedef struct {
 
 /* Row ranges start at multiples of this (the avx512 layout keeps 16 rows together). */
 #define KERNEL_ROWS 16
+/* Tokens the int8 kernels take per pass in prefill: a thread's share of a batch starts at a
+ * multiple of this. */
+#define KERNEL_TOKENS 8
 
 /* The kernels called `name`, or with name NULL the fastest this CPU runs; NULL with err set
  * when the name is unknown or this CPU lacks the instructions. */

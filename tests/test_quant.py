@@ -34,11 +34,11 @@ KERNELS = ("portable", "avx2", "avx512")
 GQA = dict(dim=128, n_layers=3, n_heads=8, n_kv_heads=2, hidden_dim=352, max_seq_len=320, vocab_size=300)
 UNTIED = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=4, hidden_dim=192, max_seq_len=200, vocab_size=257,
               shared_classifier=False)
-# group size 2: the int8 sections hold an odd number of pairs of bytes, so the scales after
-# them sit at unaligned offsets (the loader copies them)
 # head_size 80: a single query's value sums take 4 tiles of 16 dimensions at a time, then 1;
 # past 96 positions its scores take 4 blocks of 32 keys at a time, then 1
 WIDE_HEADS = dict(dim=160, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=256, max_seq_len=300, vocab_size=300)
+# group size 2: the int8 sections hold an odd number of pairs of bytes, so the scales after
+# them sit at unaligned offsets (the loader copies them)
 ODD = dict(dim=6, n_layers=2, n_heads=1, n_kv_heads=1, hidden_dim=10, max_seq_len=16, vocab_size=7)
 TOKENS = [1, 45, 7, 200, 13, 99, 3, 150, 250, 42, 8, 77]
 # Kernels differ only in the order of float additions. With int8 weights that can move an
