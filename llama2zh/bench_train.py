@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from llama2zh.config import Config
 from llama2zh.corpus.pretokenize import pretokenize
 from llama2zh.paths import ROOT
-from llama2zh.train import Trainer
+from llama2zh.train import pretraining_trainer
 
 SHARED = ROOT.parent / "shared"
 SHAPE_15M = dict(dim=288, n_layers=6, n_heads=6, n_kv_heads=6, max_seq_len=256, batch_size=8)
@@ -64,14 +64,14 @@ def main() -> None:
     base = dict(SHAPE_15M, dataset=str(data), tokenizer=str(tokenizer_dir), device="cpu", max_iters=10**6,
                 warmup_iters=10)
 
-    ours = Trainer(Config(**base, dtype="bfloat16", out_dir=str(work / "ours")), resume=False)
+    ours = pretraining_trainer(Config(**base, dtype="bfloat16", out_dir=str(work / "ours")), resume=False)
     ours_s = timed_steps(ours.train_step, args.steps)
 
-    plain = Trainer(Config(**base, dtype="float32", out_dir=str(work / "plain")), resume=False)
+    plain = pretraining_trainer(Config(**base, dtype="float32", out_dir=str(work / "plain")), resume=False)
     model, optimizer = plain.model, torch.optim.AdamW(plain.model.parameters(), lr=5e-4)
 
     def plain_step():
-        x, y = plain.micro_batch("train", plain.data_rng)
+        x, y, _ = plain.micro_batch("train", plain.data_rng)
         logits = model(x)
         F.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1)).backward()
         optimizer.step()

@@ -16,7 +16,8 @@ from llama2zh.model import ModelArgs, Transformer
 
 
 def save_checkpoint(path: str | Path, model: Transformer, *, config: dict, tokenizer_sha256: str,
-                    step: int = 0, optimizer: dict | None = None) -> Path:
+                    step: int = 0, optimizer: dict | None = None, run_info: dict | None = None) -> Path:
+    """run_info: what else the run records (sft: the base run, the chat pieces added)."""
     path = Path(path)
     state = {
         "model_args": model.args.to_dict(),
@@ -25,6 +26,7 @@ def save_checkpoint(path: str | Path, model: Transformer, *, config: dict, token
         "step": step,
         "config": config,
         "tokenizer_sha256": tokenizer_sha256,
+        "run_info": run_info or {},
     }
     with atomic_output(path) as tmp:
         torch.save(state, tmp)

@@ -146,6 +146,13 @@ def cmd_download(args, overrides: list[str]) -> int:
     if args.name:
         raise ConfigError(f"download {args.what} takes no NAME (got '{args.name}')")
     dest = args.dest or Path("data")
+    if args.what == "sample-sft":
+        from llama2zh.corpus.sample_sft import write_sample_sft
+
+        stats = write_sample_sft(dest / "sample-sft")
+        print(f"wrote {dest / 'sample-sft'}: train.jsonl ({stats['train']:,} conversations) and val.jsonl "
+              f"({stats['val']:,}), tasks: {', '.join(f'{k} {v}' for k, v in sorted(stats['tasks'].items()))}")
+        return 0
     if args.what == "sample":
         from llama2zh.corpus.sample import write_sample
 
@@ -192,10 +199,50 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
-def cmd_eval(args, overrides: list[str]) -> int:
-    from llama2zh.evaluate import evaluate, format_report
+def cmd_sft(args, overrides: list[str]) -> int:
+    from llama2zh.sft import sft
 
-    print(format_report(evaluate(args.run_dir, per_language=args.documents)))
+    run_dir = sft(load_config(args.config, overrides), resume=not args.no_resume, strict=args.strict)
+    print(f"chat-tuned {run_dir}: ckpt.pt, model.bin, tokenizer.bin (with the chat template), metrics.jsonl")
+    return 0
+
+
+def cmd_chat(args, overrides: list[str]) -> int:
+    if args.render:
+        import json
+
+        from llama2zh.chat import render_ids
+        from llama2zh.vocab.export import load_sentencepiece
+
+        sp, _ = load_sentencepiece(args.run_dir / "tokenizer.model")
+        try:
+            messages = json.loads(args.render.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{args.render}: not a JSON list of messages ({e})".splitlines()[0]) from None
+        print(json.dumps(render_ids(sp, messages)))
+        return 0
+    from llama2zh.chat_session import chat
+
+    if args.steps < 0 or args.temperature < 0 or not 0 <= args.top_p <= 1:
+        raise ConfigError("-n must be >= 0, -t >= 0 and -p in [0, 1]")
+    return chat(args.run_dir, args.system, args.prompt, args.temperature, args.top_p, args.seed, args.steps)
+
+
+def cmd_eval(args, overrides: list[str]) -> int:
+    import json
+
+    from llama2zh.checkpoint import load_checkpoint
+    from llama2zh.evaluate import evaluate, format_report
+    from llama2zh.evaluate_chat import evaluate_chat, format_chat_report, is_sft_run
+
+    if not (args.run_dir / "ckpt.pt").exists():
+        raise UserError(f"{args.run_dir}: no ckpt.pt (train first)")
+    model, state = load_checkpoint(args.run_dir / "ckpt.pt")
+    if is_sft_run(state):
+        report, text = evaluate_chat(args.run_dir, state, model), format_chat_report
+    else:
+        report, text = evaluate(args.run_dir, per_language=args.documents), format_report
+    print(json.dumps(report, ensure_ascii=False) if args.json else text(report))
     return 0
 
 
@@ -259,7 +306,7 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_verify)
 
     p = commands.add_parser("download", help="the built-in sample corpus, TinyStories (en, zh) or a tokenizer")
-    p.add_argument("what", choices=("sample", "tinystories", "tinystories-zh", "tokenizer"))
+    p.add_argument("what", choices=("sample", "sample-sft", "tinystories", "tinystories-zh", "tokenizer"))
     p.add_argument("name", nargs="?", help="the tokenizer's name (tokenizers/registry.json)")
     p.add_argument("--dest", type=Path, help="destination (default data/, tokenizers/ for a tokenizer)")
     p.add_argument("--from", dest="from_path", type=Path, help="ingest a copy you already have (archive or folder)")
@@ -287,9 +334,34 @@ def build_parser() -> Parser:
     p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
-    p = commands.add_parser("eval", help="loss per token, bits per character and per byte, English and Chinese")
+    p = commands.add_parser("sft", help="instruction-tune a pretrained run into a chat model",
+                            description="Train on conversations (.jsonl: native, ShareGPT or Alpaca) from "
+                            "init_from's weights, the loss on the assistant's replies only; any config field can "
+                            "be overridden with --key=value. Resumes out_dir's checkpoint if there is one.")
+    p.add_argument("--config", type=Path, required=True, help="a TOML file in configs/, e.g. configs/sample_sft.toml")
+    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip them)")
+    p.set_defaults(func=cmd_sft, takes_overrides=True)
+
+    p = commands.add_parser("chat", help="talk with a chat-tuned run (PyTorch), one line a turn",
+                            description="Each line on standard input is a user turn; replies go to standard "
+                            "output, one line each. --render prints the ids of a conversation instead.")
+    p.add_argument("run_dir", type=Path, metavar="out/RUN")
+    p.add_argument("-y", "--system", help="a system message before the first turn")
+    p.add_argument("-i", "--prompt", help="the first user message (then standard input's lines)")
+    p.add_argument("-n", "--steps", type=int, default=256, help="tokens per reply at most (0: the context's room)")
+    p.add_argument("-t", "--temperature", type=float, default=1.0, help="0 = greedy (default 1.0)")
+    p.add_argument("-p", "--top-p", type=float, default=0.9)
+    p.add_argument("-s", "--seed", type=int, default=1234)
+    p.add_argument("--render", type=Path, metavar="FILE",
+                   help="print the token ids of the conversation in FILE (a JSON list of messages) as JSON")
+    p.set_defaults(func=cmd_chat)
+
+    p = commands.add_parser("eval", help="pretrained run: loss, bits/char and bits/byte per language; chat-tuned "
+                            "run: loss on replies and generation checks, beside its base run")
     p.add_argument("run_dir", type=Path, metavar="out/RUN")
     p.add_argument("--documents", type=int, default=200, help="validation documents per language (default 200)")
+    p.add_argument("--json", action="store_true", help="every figure as one JSON object (keys: see the README)")
     p.set_defaults(func=cmd_eval)
 
     p = commands.add_parser("sample", help="generate text with the PyTorch model of a run")

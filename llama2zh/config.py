@@ -41,6 +41,8 @@ class Config:
     dataset: str = "data/sample"
     tokenizer: str = "tokenizers/sample"
     lang: str = "enzh"  # the mix pretokenize was run with: en, zh, or enzh (both sides of parallel stories)
+    # sft (and continued pretraining): the run directory whose weights training starts from
+    init_from: str = ""
     # training
     out_dir: str = "out/sample"
     batch_size: int = 32  # sequences per micro-batch (per process)

@@ -9,7 +9,7 @@ model.py, so its checkpoints and export order carry over unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +99,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, start_pos: int, cache: KVCache | None):
+    def forward(self, x, cos, sin, layer: int, start_pos: int, cache: KVCache | None, mask=None):
         batch, seq, _ = x.shape
         q = self.wq(x).view(batch, seq, self.n_heads, self.head_dim)
         k = self.wk(x).view(batch, seq, self.n_kv_heads, self.head_dim)
@@ -107,7 +107,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
 
-        mask, causal = None, seq > 1
+        causal = seq > 1 and mask is None
         if cache is not None:
             end = start_pos + seq
             cache.k[layer][:batch, :, start_pos:end] = k
@@ -142,8 +142,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, start_pos, cache):
-        x = x + self.attention(self.attention_norm(x), cos, sin, self.layer, start_pos, cache)
+    def forward(self, x, cos, sin, start_pos, cache, mask=None):
+        x = x + self.attention(self.attention_norm(x), cos, sin, self.layer, start_pos, cache, mask)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -171,17 +171,40 @@ class Transformer(nn.Module):
                 std = residual_std if name.endswith(("w3.weight", "wo.weight")) else 0.02
                 nn.init.normal_(param, mean=0.0, std=std, generator=generator)
 
-    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) for tokens (B, T) placed at positions start_pos.. start_pos+T-1."""
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab) for tokens (B, T) placed at positions start_pos.. start_pos+T-1.
+
+        segments (B, T), for rows that pack several sequences: a token attends only to earlier
+        tokens of its own segment. Rotary embeddings see only relative positions, so a packed
+        sequence gets the logits it would get alone at position 0."""
         seq = tokens.shape[1]
         if start_pos + seq > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seq} exceed max_seq_len {self.args.max_seq_len}")
         cos = self.freqs_cos[start_pos : start_pos + seq]
         sin = self.freqs_sin[start_pos : start_pos + seq]
+        mask = None
+        if segments is not None:
+            causal = torch.ones(seq, seq, dtype=torch.bool, device=tokens.device).tril()
+            mask = (segments[:, None, :, None] == segments[:, None, None, :]) & causal
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, cos, sin, start_pos, cache)
+            x = layer(x, cos, sin, start_pos, cache, mask)
         return self.output(self.norm(x))
+
+    def extended(self, new_tokens: int = 0, max_seq_len: int | None = None) -> Transformer:
+        """A copy with new_tokens more token ids at the end and another context length, every
+        existing weight kept: old ids give the same logits. The new rows of the embedding (and
+        of an unshared classifier) are the mean of the old rows, a neutral start for sft."""
+        args = replace(self.args, vocab_size=self.args.vocab_size + new_tokens,
+                       max_seq_len=max_seq_len or self.args.max_seq_len)
+        state = self.state_dict()
+        with torch.no_grad():
+            for name in ("tok_embeddings.weight", "output.weight"):
+                state[name] = torch.cat([state[name], state[name].mean(0, keepdim=True).expand(new_tokens, -1)])
+        extended = Transformer(args)
+        extended.load_state_dict(state)
+        return extended
 
     @torch.inference_mode()
     def generate(
@@ -192,24 +215,34 @@ class Transformer(nn.Module):
         top_p: float = 0.9,
         stop_ids: tuple[int, ...] = (),
         generator: torch.Generator | None = None,
+        cache: KVCache | None = None,
+        start_pos: int = 0,
+        on_token=None,
     ) -> list[int]:
         """Continues prompt (ids, BOS included) by up to max_new_tokens tokens.
 
-        The prompt goes through once; every new token then reuses the KV cache. Stops
-        before the first stop id, like the C engine; never runs past max_seq_len.
+        The prompt goes through once, at positions start_pos.. of cache (a new one when None);
+        every new token then reuses the cache. Stops before the first stop id, like the C
+        engine; never runs past max_seq_len. Every token returned is in the cache except the
+        last when it stopped on the token limit (as in the C engine's l2_generate). on_token,
+        when given, is called with each token as it is generated.
         """
         if not prompt:
             raise ValueError("generate needs at least one prompt token (BOS)")
         device = self.tok_embeddings.weight.device
-        cache = KVCache(self.args, batch=1, device=device, dtype=self.tok_embeddings.weight.dtype)
-        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - len(prompt) + 1)
-        logits = self(torch.tensor([prompt], device=device), 0, cache)[0, -1]
-        pos, out = len(prompt), []
+        if cache is None:
+            cache = KVCache(self.args, batch=1, device=device, dtype=self.tok_embeddings.weight.dtype)
+        pos = start_pos + len(prompt)
+        max_new_tokens = min(max_new_tokens, self.args.max_seq_len - pos + 1)
+        logits = self(torch.tensor([prompt], device=device), start_pos, cache)[0, -1]
+        out = []
         while len(out) < max_new_tokens:
             token = sample_token(logits, temperature, top_p, generator)
             if token in stop_ids:
                 break
             out.append(token)
+            if on_token:
+                on_token(token)
             if len(out) == max_new_tokens:
                 break
             logits = self(torch.tensor([[token]], device=device), pos, cache)[0, -1]

@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -101,7 +101,13 @@ def autocast_context(dtype: str, device: torch.device):
 
 
 class Trainer:
-    def __init__(self, config: Config, resume: bool):
+    """The loop every stage shares. A stage brings its data (an object with .batch(split, rows,
+    seq_len, generator, rank, world) -> (inputs, targets, segments); target -1 is not trained
+    on, segments None or the packed sequences' ids), its starting model, and what its run
+    directory records besides (run_info, saved in every checkpoint)."""
+
+    def __init__(self, config: Config, data, model: Transformer, tokenizer_sha256: str, resume: bool,
+                 run_info: dict | None = None):
         self.c = c = config
         self.dist = Distributed("cuda" if c.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = pick_device(c, self.dist)
@@ -109,19 +115,8 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.run_dir = Path(c.out_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tokenizer_dir = Path(c.tokenizer)
-        self.data = TokenShards(Path(c.dataset) / tokenizer_dir.name)
-        self.tokenizer_sha256 = sha256_file(tokenizer_dir / "tokenizer.model")
-        if self.data.manifest["tokenizer_sha256"] != self.tokenizer_sha256:
-            raise UserError(f"{c.dataset} was pretokenized with another {tokenizer_dir.name}/tokenizer.model; "
-                            "pretokenize it again (--force)")
-        if self.data.manifest["lang"] != c.lang:
-            raise UserError(f"{c.dataset} was pretokenized with --lang {self.data.manifest['lang']}, the config "
-                            f"asks for lang = {c.lang}; pretokenize it again with --lang {c.lang} --force")
-
-        torch.manual_seed(c.seed)
-        self.model = Transformer(c.model_args(self.data.vocab_size))
-        self.model.init_weights(torch.Generator().manual_seed(c.seed))
+        self.data, self.model = data, model
+        self.tokenizer_sha256, self.run_info = tokenizer_sha256, run_info or {}
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, c, fused=self.device.type == "cuda")
         self.dtype = compute_dtype(c, self.device)
@@ -164,16 +159,18 @@ class Trainer:
         training_state = {"adamw": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
                           "data_rng": self.data_rng.get_state(), "best_val": self.best_val}
         save_checkpoint(self.run_dir / name, self.model, config=asdict(self.c),
-                        tokenizer_sha256=self.tokenizer_sha256, step=self.step, optimizer=training_state)
+                        tokenizer_sha256=self.tokenizer_sha256, step=self.step, optimizer=training_state,
+                        run_info=self.run_info)
 
     def micro_batch(self, split: str, rng: torch.Generator):
-        x, y = self.data.batch(split, self.c.batch_size, self.c.max_seq_len, rng, self.dist.rank, self.dist.world)
-        return x.to(self.device), y.to(self.device)
+        batch = self.data.batch(split, self.c.batch_size, self.c.max_seq_len, rng, self.dist.rank, self.dist.world)
+        return tuple(t if t is None else t.to(self.device) for t in batch)
 
-    def loss(self, x, y, model=None) -> torch.Tensor:
+    def loss(self, x, y, segments=None, model=None) -> torch.Tensor:
+        """Mean cross-entropy over the targets that are trained on (not -1)."""
         with autocast_context(self.dtype, self.device):
-            logits = (model or self.forward_model)(x)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
+            logits = (model or self.forward_model)(x, segments=segments)
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
     def estimate_val_loss(self) -> float:
@@ -191,11 +188,11 @@ class Trainer:
             group["lr"] = lr
         total = 0.0
         for micro in range(self.c.grad_accum):
-            x, y = self.micro_batch("train", self.data_rng)
+            batch = self.micro_batch("train", self.data_rng)
             last = micro == self.c.grad_accum - 1
             sync = self.forward_model.no_sync() if self.dist.enabled and not last else nullcontext()
             with sync:
-                loss = self.loss(x, y)
+                loss = self.loss(*batch)
                 self.scaler.scale(loss / self.c.grad_accum).backward()
             total += loss.item()
         mean = self.dist.average(total / self.c.grad_accum)
@@ -267,13 +264,14 @@ def peak_flops(device: torch.device) -> float:
     return 4 * 2 * n**3 / (time.perf_counter() - start)
 
 
-def finish_run(run_dir: Path, tokenizer_dir: Path) -> None:
+def finish_run(run_dir: Path, tokenizer_model: Path) -> None:
     """What a finished run directory holds beside ckpt.pt: the tokenizer, model.bin, loss.png."""
     from llama2zh.export import write_model_bin
     from llama2zh.vocab.export import export_tokenizer
 
-    with atomic_output(run_dir / "tokenizer.model") as tmp:
-        shutil.copyfile(tokenizer_dir / "tokenizer.model", tmp)
+    if tokenizer_model != run_dir / "tokenizer.model":
+        with atomic_output(run_dir / "tokenizer.model") as tmp:
+            shutil.copyfile(tokenizer_model, tmp)
     export_tokenizer(run_dir / "tokenizer.model", run_dir / "tokenizer.bin")
     model, _ = load_checkpoint(run_dir / "ckpt.pt")
     write_model_bin(model, run_dir / "model.bin", version=1)
@@ -306,9 +304,9 @@ def plot_losses(run_dir: Path) -> None:
     plt.close(fig)
 
 
-def train(config: Config, resume: bool = True) -> Path:
+def run_stage(config: Config, trainer: Trainer, tokenizer_model: Path) -> Path:
+    """Trains, then completes the run directory (on the main process)."""
     run_dir = Path(config.out_dir)
-    trainer = Trainer(config, resume)
     if trainer.dist.main:
         with atomic_output(run_dir / "config.toml") as tmp:
             tmp.write_text(config.to_toml(), encoding="utf-8")
@@ -317,5 +315,36 @@ def train(config: Config, resume: bool = True) -> Path:
     finally:
         trainer.dist.close()
     if trainer.dist.main:
-        finish_run(run_dir, Path(config.tokenizer))
+        finish_run(run_dir, tokenizer_model)
     return run_dir
+
+
+def pretraining_trainer(config: Config, resume: bool) -> Trainer:
+    """Pretraining: a new model on DATASET's token shards made with TOKENIZER."""
+    c = config
+    tokenizer_dir = Path(c.tokenizer)
+    data = TokenShards(Path(c.dataset) / tokenizer_dir.name)
+    tokenizer_sha256 = sha256_file(tokenizer_dir / "tokenizer.model")
+    if data.manifest["tokenizer_sha256"] != tokenizer_sha256:
+        raise UserError(f"{c.dataset} was pretokenized with another {tokenizer_dir.name}/tokenizer.model; "
+                        "pretokenize it again (--force)")
+    if data.manifest["lang"] != c.lang:
+        raise UserError(f"{c.dataset} was pretokenized with --lang {data.manifest['lang']}, the config "
+                        f"asks for lang = {c.lang}; pretokenize it again with --lang {c.lang} --force")
+    torch.manual_seed(c.seed)
+    model = Transformer(c.model_args(data.vocab_size))
+    model.init_weights(torch.Generator().manual_seed(c.seed))
+    run_info = {"stage": "pretrain"}
+    if c.init_from:  # continued pretraining: the weights of a run with this tokenizer, the config's shape
+        base, state = load_checkpoint(Path(c.init_from) / "ckpt.pt")
+        if state["tokenizer_sha256"] != tokenizer_sha256:
+            raise UserError(f"init_from {c.init_from} was trained with another tokenizer than {tokenizer_dir}")
+        if replace(base.args, max_seq_len=c.max_seq_len) != model.args:
+            raise UserError(f"init_from {c.init_from} has another shape than the config ({base.args})")
+        model = base.extended(max_seq_len=c.max_seq_len)
+        run_info.update(base_run=c.init_from, base_step=state["step"])
+    return Trainer(c, data, model, tokenizer_sha256, resume, run_info)
+
+
+def train(config: Config, resume: bool = True) -> Path:
+    return run_stage(config, pretraining_trainer(config, resume), Path(config.tokenizer) / "tokenizer.model")

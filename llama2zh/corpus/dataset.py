@@ -41,8 +41,9 @@ class TokenShards:
         return sum(len(s) for s in self.splits[split])
 
     def batch(self, split: str, rows: int, seq_len: int, generator: torch.Generator,
-              rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets), each (rows, seq_len): this rank's share of rows * world windows."""
+              rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """(inputs, targets, None), each (rows, seq_len): this rank's share of rows * world windows
+        (no segments: a window runs across documents, as in llama2.c)."""
         shards = self.splits[split] or self.splits["train"]
         lengths = torch.tensor([max(len(s) - seq_len - 1, 0) for s in shards], dtype=torch.float64)
         if lengths.sum() == 0:
@@ -53,4 +54,4 @@ class TokenShards:
         windows = np.stack([np.asarray(shards[int(which[i])][start : start + seq_len + 1], dtype=np.int64)
                             for i in mine for start in [int(offsets[i] * lengths[which[i]])]])
         data = torch.from_numpy(windows)
-        return data[:, :-1], data[:, 1:]
+        return data[:, :-1], data[:, 1:], None

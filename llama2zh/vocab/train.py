@@ -1,7 +1,9 @@
 """`llama2zh vocab train`: a SentencePiece tokenizer for a small Chinese–English model.
 
 The settings are Llama 2's (byte fallback, identity normalizer, split digits, unk/bos/eos =
-0/1/2, no pad) with a character coverage for CJK. SentencePiece trains on the documents'
+0/1/2, no pad) with a character coverage for CJK, and the chat template's two control pieces
+(<|im_start|>, <|im_end|>) reserved as the last two ids, so a model pretrained with it can be
+chat-tuned without growing. SentencePiece trains on the documents'
 lines, of which it keeps a random sample of at most `input_sentence_size`: that bounds its
 memory on a large corpus. Writes tokenizer.model, tokenizer.bin and meta.json.
 """
@@ -16,6 +18,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from llama2zh.chat import CHAT_PIECES, add_chat_pieces
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, atomic_write_bytes, sha256_file
 from llama2zh.vocab.corpus import check_inputs, lines, read_documents
@@ -91,8 +94,11 @@ def train_tokenizer(inputs: Iterable[str | Path], vocab_size: int, out_dir: str 
     if model_type not in MODEL_TYPES:
         raise UserError(f"unknown model type {model_type!r} (expected one of {', '.join(MODEL_TYPES)})")
     inputs = check_inputs(inputs)
-    settings = {**SETTINGS, **overrides, "model_type": model_type, "vocab_size": vocab_size}
+    if vocab_size <= len(CHAT_PIECES):
+        raise UserError(f"--vocab-size {vocab_size} leaves no room beside the {len(CHAT_PIECES)} chat pieces")
+    settings = {**SETTINGS, **overrides, "model_type": model_type, "vocab_size": vocab_size - len(CHAT_PIECES)}
     model, n_lines = sentencepiece_train(lines(read_documents(inputs, lang)), seed=seed, **settings)
+    model, _ = add_chat_pieces(model)  # the last ids: every trained piece keeps the id SentencePiece gave it
     meta = {"kind": "train", "lang": lang, "vocab_size": vocab_size, "model_type": model_type,
             "corpus": corpus_meta(inputs), "lines": n_lines, "seed": seed, "settings": settings}
     return save_tokenizer(out_dir, model, meta)
