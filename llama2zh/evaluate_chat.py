@@ -8,7 +8,8 @@
   reference reply's length + 32 tokens. language: the share of replies in the language asked
   for (Chinese: CJK ideographs are over 30% of the non-space characters); character: the share
   of story replies that name the character asked for; exact: the share of question replies
-  equal to the answer (surrounding whitespace ignored).
+  equal to the answer (surrounding whitespace ignored). Prompts that leave no room for a reply
+  in the context are counted apart (prompts_too_long).
 The base run (run_info's base_run) gets the same ids: when its tokenizer lacks the chat pieces,
 its model is given them as the sft run was at its start (the mean embedding row).
 """
@@ -79,10 +80,12 @@ def generation_checks(model, sp, prompts: list[dict]) -> dict:
     im_end = chat_piece_ids(sp)[1]
     stops = (im_end, sp.eos_id(), sp.bos_id())
     tally = {name: [0, 0] for name in ("language", "character", "exact")}  # [passed, asked]
+    too_long = 0
     for p in prompts:
         ids = render_ids(sp, p["prompt"])
         room = model.args.max_seq_len - len(ids) + 1
         if room < 1:
+            too_long += 1
             continue
         limit = min(room, len(sp.encode(p["reference"])) + EXTRA_REPLY_TOKENS)
         reply = sp.decode(model.generate(ids, limit, temperature=0.0, stop_ids=stops))
@@ -95,7 +98,7 @@ def generation_checks(model, sp, prompts: list[dict]) -> dict:
             tally[name][0] += passed
             tally[name][1] += 1
     return {name: (passed / asked if asked else None) for name, (passed, asked) in tally.items()} | \
-        {f"{name}_asked": asked for name, (_, asked) in tally.items()}
+        {f"{name}_asked": asked for name, (_, asked) in tally.items()} | {"prompts_too_long": too_long}
 
 
 def with_chat_pieces(model, tokenizer_model: Path, chat_tokenizer: Path):
