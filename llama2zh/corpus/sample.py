@@ -9,6 +9,8 @@ sentences. A problem is a list of beats; a beat is a tuple of alternative senten
 
 write_sample() writes TinyStories' shard layout: dest/data00.json, data01.json, ..., each a
 JSON array of {"id", "story" (Chinese), "story_en"} records. The same seed gives the same bytes.
+make_story_with_slots() also returns the slots a story was made from, so that sample_sft can
+build conversations about it whose answers are true by construction.
 """
 
 from __future__ import annotations
@@ -211,9 +213,9 @@ TRIP_WITH_OBJECT = (("{when}, {name} took {a_obj} to {place}{company}.",
                      "{when}，{name}{company}带着{ta}的{obj}去了{place}。"))
 DESCRIBE = (None, "desc")  # the place's description, or nothing
 
-Problem = namedtuple("Problem", "beats helpers objects")
+Problem = namedtuple("Problem", "kind beats helpers objects")
 PROBLEMS = (
-    Problem(objects=TOYS, helpers=ANYONE, beats=(  # a lost toy, found with a helper
+    Problem("lost_toy", objects=TOYS, helpers=ANYONE, beats=(  # a lost toy, found with a helper
         TRIP_WITH_OBJECT, DESCRIBE,
         (None, ("{name} played with the {obj} all morning.", "{name}玩{obj}玩了一上午。"),
          ("{He} played and played until {he} was tired.", "{ta}玩啊玩，一直玩到累了。")),
@@ -238,7 +240,7 @@ PROBLEMS = (
                 "从那天起，{name}总是把自己的{obj}保管得好好的。"),
          ("{name} learned that it is good to ask for help.", "{name}明白了，遇到困难时可以请别人帮忙。")),
     )),
-    Problem(objects=FLYERS, helpers=ANYONE, beats=(  # the wind carries a toy into a tree
+    Problem("toy_in_tree", objects=FLYERS, helpers=ANYONE, beats=(  # the wind carries a toy into a tree
         TRIP_WITH_OBJECT, DESCRIBE,
         (None, ("{name} played happily with the {obj}.", "{name}开开心心地玩着{obj}。")),
         (("Suddenly, a strong wind blew the {obj} up into a tall tree.", "突然，一阵大风把{obj}吹到了一棵高高的树上。"),
@@ -258,7 +260,7 @@ PROBLEMS = (
                 "从那以后，{name}总是在离大树远远的地方玩{obj}。"),
          ("{name} learned that it is good to ask for help.", "{name}明白了，遇到困难时可以请别人帮忙。")),
     )),
-    Problem(objects=TOYS, helpers=ANYONE, beats=(  # learning to share
+    Problem("sharing", objects=TOYS, helpers=ANYONE, beats=(  # learning to share
         (("{name} had {a_obj} that {he} loved very much.", "{name}有{a_obj}，{ta}非常喜欢它。"),
          ("{name} got {a_obj} for {his} birthday.", "{name}过生日时得到了{a_obj}。")),
         (("{when}, {name} took the {obj} to {place}{company}.", "{when}，{name}{company}带着{obj}去了{place}。"),),
@@ -283,7 +285,7 @@ PROBLEMS = (
          ("From then on, {name} and {friend} were best friends.", "从那以后，{name}和{friend}成了最好的朋友。"),
          ("Sharing the {obj} made the day twice as fun.", "一起分享{obj}，让这一天变得加倍快乐。")),
     )),
-    Problem(objects=TOYS, helpers=ANYONE, beats=(  # helping a small animal in trouble
+    Problem("helping_animal", objects=TOYS, helpers=ANYONE, beats=(  # helping a small animal in trouble
         TRIP, DESCRIBE,
         (("{at}, {name} heard a small cry.", "在{at}，{name}听到了一声小小的哭声。"),
          ("Near a bush, {name} heard someone crying.", "在一丛灌木旁边，{name}听到有谁在哭。")),
@@ -303,7 +305,7 @@ PROBLEMS = (
          ("From that day on, {name} and the {creature} were good friends.",
           "从那天起，{name}和{creature}成了好朋友。")),
     )),
-    Problem(objects=TOYS, helpers=FAMILY, beats=(  # trying again
+    Problem("trying_again", objects=TOYS, helpers=FAMILY, beats=(  # trying again
         (("{when}, {name} wanted to {project}.", "{when}，{name}想{project}。"),),
         (("{He} tried, but {fail}.", "{ta}试了试，可是{fail}。"),),
         (None, ("{name} tried again, but it still did not work.", "{name}又试了一次，可是还是不行。")),
@@ -322,7 +324,7 @@ PROBLEMS = (
                 "{name}明白了，只要一直努力，再难的事也能做到。"),
          ("It was a good lesson for {name}: never give up.", "这是{name}学到的很好的一课：永远不要放弃。")),
     )),
-    Problem(objects=TOYS, helpers=FAMILY, beats=(  # telling the truth
+    Problem("telling_truth", objects=TOYS, helpers=FAMILY, beats=(  # telling the truth
         (("{when}, {name} was playing ball in the house.", "{when}，{name}在屋子里玩球。"),
          ("{when}, {name} was running around the living room.", "{when}，{name}在客厅里跑来跑去。")),
         (("With a loud crash, {he} bumped into the table, and {helper}'s {breakable} fell and broke.",
@@ -343,7 +345,7 @@ PROBLEMS = (
         (("{name} learned that telling the truth is always right.", "{name}明白了，说实话永远是对的。"),
          ("After that, {name} was always careful in the house.", "从那以后，{name}在家里总是小心翼翼的。")),
     )),
-    Problem(objects=TOYS, helpers=STRANGERS, beats=(  # lost, and shown the way home
+    Problem("lost_way", objects=TOYS, helpers=STRANGERS, beats=(  # lost, and shown the way home
         TRIP, DESCRIBE,
         (("{name} saw {a_chase} and followed it.", "{name}看见{a_chase}，就跟着它走。"),
          ("{name} ran after {a_chase}.", "{name}追着{a_chase}跑。")),
@@ -362,7 +364,7 @@ PROBLEMS = (
           "{name}说了谢谢，还答应以后再也不走远了。"),
          ("{name} learned to always look where {he} was going.", "{name}明白了，出门在外，不能随便乱跑。")),
     )),
-    Problem(objects=TOYS, helpers=FAMILY, beats=(  # a rainy day
+    Problem("rainy_day", objects=TOYS, helpers=FAMILY, beats=(  # a rainy day
         (("{when}, {name} wanted to go to {place} to play.", "{when}，{name}想去{place}玩。"),),
         (("But just as {name} put on {his} shoes, it began to rain.", "可是{name}刚穿好鞋，天就下起了雨。"),
          ("But dark clouds came, and soon rain was tapping on {name}'s window.",
@@ -381,7 +383,7 @@ PROBLEMS = (
         (("{name} learned that a rainy day can be a happy day too.", "{name}明白了，下雨天也可以很快乐。"),
          ("It was the best rainy day {name} ever had.", "这是{name}过得最开心的一个下雨天。")),
     )),
-    Problem(objects=TOYS, helpers=FAMILY, beats=(  # afraid of the dark
+    Problem("afraid_of_dark", objects=TOYS, helpers=FAMILY, beats=(  # afraid of the dark
         (("That night, {name} could not sleep.", "那天晚上，{name}睡不着觉。"),
          ("One night, {name} woke up in the dark.", "一天夜里，{name}在黑暗中醒了过来。")),
         (("{name}'s room was very dark, and {he} heard a strange noise.",
@@ -401,7 +403,7 @@ PROBLEMS = (
         (("Soon {name} closed {his} eyes and fell asleep.", "很快，{name}闭上眼睛，睡着了。"),),
         (None, ("{name} learned that the dark is not so scary after all.", "{name}明白了，黑夜其实没有那么可怕。")),
     )),
-    Problem(objects=TOYS, helpers=ANYONE, beats=(  # making a new friend
+    Problem("new_friend", objects=TOYS, helpers=ANYONE, beats=(  # making a new friend
         TRIP, DESCRIBE,
         (("{at}, {name} saw {friend_one} sitting all alone.", "在{at}，{name}看到{friend_one}独自坐着。"),),
         (("{name} felt a little shy, but {he} walked over and said hello.",
@@ -452,12 +454,13 @@ def _slots(rng: random.Random) -> tuple[Problem, dict, dict, dict]:
           "a_obj": a(f"{color} {obj}"), "obj": obj, "friend": friend, "friend_a": f"{a(f_kind)} named {friend}",
           "friend_one": a(f_kind), "friend_kind": f_kind, "creature": creature, "a_creature": a(creature),
           "trouble": trouble, "trouble_me": trouble_me, "project": project, "fail": fail, "done": done,
-          "spot1": spot1, "spot2": spot2}
+          "spot1": spot1, "spot2": spot2, "kind": kind}
     zh = {"ta": ta, "name": name_zh, "a_kind": f"一{measure}{trait[1] if trait else ''}{kind_zh}", "place": place_zh,
           "at": at_zh, "a_obj": f"一{obj_measure}{color_zh}{obj_zh}", "obj": obj_zh, "friend": friend_zh,
           "friend_a": f"一{f_measure}叫{friend_zh}的{f_kind_zh}", "friend_one": f"一{f_measure}{f_kind_zh}",
           "friend_kind": f_kind_zh, "creature": creature_zh, "a_creature": f"一只{creature_zh}", "trouble": trouble_zh,
-          "project": project_zh, "fail": fail_zh, "done": done_zh, "spot1": spot1_zh, "spot2": spot2_zh}
+          "project": project_zh, "fail": fail_zh, "done": done_zh, "spot1": spot1_zh, "spot2": spot2_zh,
+          "kind": kind_zh}
     for key, table in (("home", HOMES), ("hobby", HOBBIES), ("when", WHEN), ("family", FAMILIES),
                        ("breakable", BREAKABLES), ("a_chase", CHASES)):
         en[key], zh[key] = rng.choice(table)
@@ -466,8 +469,8 @@ def _slots(rng: random.Random) -> tuple[Problem, dict, dict, dict]:
     return problem, en, zh, {"desc": rng.choice(descs), "fix": fix, "indoor": rng.choice(INDOORS)}
 
 
-def _compose(rng: random.Random) -> tuple[list[str], list[str]]:
-    """One story as paragraphs: (English paragraphs, Chinese paragraphs)."""
+def _compose(rng: random.Random) -> tuple[list[str], list[str], Problem, dict, dict]:
+    """One story as paragraphs: (English paragraphs, Chinese paragraphs, its problem and slots)."""
     problem, en, zh, slots = _slots(rng)
     paragraphs = [[rng.choices(OPENINGS, weights=OPENING_WEIGHTS)[0], rng.choice(HOBBY)], [], []]
     for i, beat in enumerate(problem.beats):
@@ -480,15 +483,26 @@ def _compose(rng: random.Random) -> tuple[list[str], list[str]]:
             sentences = [pair[0].format(**en) for pair in pairs]
             english.append(" ".join(s[0].upper() + s[1:] for s in sentences))
             chinese.append("".join(pair[1].format(**zh) for pair in pairs))
-    return english, chinese
+    return english, chinese, problem, en, zh
+
+
+# A story with what it was made of: en_slots and zh_slots map slot names ("name", "kind",
+# "place", "at", "obj", ...) to the words filled in; problem is its Problem's kind ("lost_toy", ...).
+Story = namedtuple("Story", "en zh en_slots zh_slots problem")
+
+
+def make_story_with_slots(rng: random.Random) -> Story:
+    """One story of MIN_SENTENCES..MAX_SENTENCES sentences, with its slots (the same draws as make_story)."""
+    while True:
+        english, chinese, problem, en, zh = _compose(rng)
+        if MIN_SENTENCES <= len(split_sentences(" ".join(english))) <= MAX_SENTENCES:
+            return Story("\n\n".join(english), "\n".join(chinese), en, zh, problem.kind)
 
 
 def make_story(rng: random.Random) -> tuple[str, str]:
     """One story (English, Chinese) of MIN_SENTENCES..MAX_SENTENCES sentences."""
-    while True:
-        english, chinese = _compose(rng)
-        if MIN_SENTENCES <= len(split_sentences(" ".join(english))) <= MAX_SENTENCES:
-            return "\n\n".join(english), "\n".join(chinese)
+    story = make_story_with_slots(rng)
+    return story.en, story.zh
 
 
 def write_sample(dest: Path, n_stories: int = 6000, seed: int = 0, shard_size: int = 1000) -> dict:
