@@ -64,10 +64,23 @@ out/sample/model.bin: data/sample/sample/manifest.json configs/sample.toml
 	$(LLAMA2ZH) train --config configs/sample.toml
 	$(LLAMA2ZH) export out/sample
 
-demo: venv run lib out/sample/model.bin
+# Then the chat stage: instruction tuning on the built-in conversations, and a chat through a pipe.
+CHAT_1   ?= 给我讲一个小女孩莉莉在公园里的故事。
+CHAT_2   ?= 把它翻译成英文。
+
+data/sample-sft/.complete: | venv
+	$(LLAMA2ZH) download sample-sft
+	touch $@
+
+out/sample-sft/model.bin: out/sample/model.bin data/sample-sft/.complete configs/sample_sft.toml
+	$(LLAMA2ZH) sft --config configs/sample_sft.toml
+
+demo: venv run lib out/sample/model.bin out/sample-sft/model.bin
 	$(LLAMA2ZH) eval out/sample
 	./run out/sample/model.bin -k out/sample/tokenizer.bin -i "$(PROMPT)" -t 0.8 -p 0.9 -s 42 -n 256
 	$(LLAMA2ZH) verify out/sample
+	printf '%s\n%s\n' "$(CHAT_1)" "$(CHAT_2)" | ./run out/sample-sft/model.bin -k out/sample-sft/tokenizer.bin -m chat -t 0
+	$(LLAMA2ZH) verify out/sample-sft
 
 clean:
 	rm -rf build run
@@ -76,7 +89,7 @@ clean:
 # LLAMA2ZH_LIB and runs LLAMA2ZH_RUN. The Python process needs libasan preloaded (and libstdc++,
 # for its C++ extensions' exceptions); its own leaks are not the engine's (make fuzz checks those).
 ASAN_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
-ASAN_TESTS := tests/test_run.py tests/test_parity.py tests/test_tokenizer.py tests/test_quant.py
+ASAN_TESTS := tests/test_run.py tests/test_parity.py tests/test_tokenizer.py tests/test_quant.py tests/test_chat_engine.py
 
 build/asan/libllama2zh.so: $(ENGINE_DEPS)
 	@mkdir -p build/asan

@@ -13,6 +13,7 @@ from pathlib import Path
 import sentencepiece as spm
 import torch
 
+from llama2zh.chat import add_chat_pieces
 from llama2zh.export import write_model_bin
 from llama2zh.model import ModelArgs, Transformer
 from llama2zh.vocab.export import tokenizer_data, write_tokenizer_bin
@@ -48,8 +49,11 @@ def tokenizer_seeds(out: Path, scratch: Path) -> None:
         spm.SentencePieceTrainer.train(sentence_iterator=iter(TEXT), model_prefix=str(prefix), vocab_size=310,
                                        model_type=model_type, byte_fallback=True, character_coverage=1.0,
                                        normalization_rule_tsv=str(rules), minloglevel=2)
-        path = write_tokenizer_bin(tokenizer_data(f"{prefix}.model"), scratch / f"{model_type}.bin")
-        (out / f"tokenizer_{model_type}").write_bytes(b"\1" + path.read_bytes())
+        # and as a chat-tuned model's: trailer version 2, with the chat section
+        Path(f"{prefix}_chat.model").write_bytes(add_chat_pieces(Path(f"{prefix}.model").read_bytes())[0])
+        for name in (model_type, f"{model_type}_chat"):
+            path = write_tokenizer_bin(tokenizer_data(scratch / f"{name}.model"), scratch / f"{name}.bin")
+            (out / f"tokenizer_{name}").write_bytes(b"\1" + path.read_bytes())
 
 
 def main() -> None:

@@ -54,7 +54,7 @@ const char *l2_model_kernel(const L2Model *m);
  * or -1 (the setting unchanged) when out of memory for their buffers. */
 int l2_model_set_threads(L2Model *m, int n_threads);
 
-/* ---- tokenizer.c: tokenizer.bin loading, encode, streaming decode ---- */
+/* ---- tokenizer.c: tokenizer.bin loading, encode, streaming decode, chat rendering ---- */
 
 typedef struct L2Tokenizer L2Tokenizer;
 
@@ -65,6 +65,9 @@ void l2_tokenizer_close(L2Tokenizer *t);
 int l2_tokenizer_vocab_size(const L2Tokenizer *t);
 int l2_tokenizer_bos_id(const L2Tokenizer *t);
 int l2_tokenizer_eos_id(const L2Tokenizer *t);
+/* 1 and the ids of <|im_start|> and <|im_end|> when tokenizer.bin carries a chat template
+ * (trailer version 2), else 0. */
+int l2_tokenizer_chat_ids(const L2Tokenizer *t, int *im_start, int *im_end);
 /* Encodes `len` bytes of text as SentencePiece does. Writes at most max_ids
  * ids and returns how many the text encodes to (so a caller whose buffer was
  * too small can retry with a bigger one), or -1 with err set. */
@@ -95,6 +98,23 @@ int l2_decode_finish(const L2Tokenizer *t, L2Decoder *d, char *out);
  * err set. */
 long l2_decode(const L2Tokenizer *t, const int *ids, int n_ids, char *out, size_t cap, char *err);
 
+/* Chat (ChatML, the rule of llama2zh/chat.py): per message <|im_start|> encode(role "\n" content)
+ * <|im_end|> encode("\n"), each stretch of text encoded on its own as plain text, so text never
+ * becomes the two control pieces. Roles: system, user, assistant. */
+typedef struct {
+    const char *role;
+    const char *content;
+} L2Message;
+
+/* The ids of a conversation: BOS when bos, each message, and with add_generation_prompt
+ * <|im_start|> encode("assistant\n"). Writes at most max_ids ids and returns the count (as
+ * l2_encode does), or -1 with err set: no chat template in tokenizer.bin, an unknown role, a
+ * NULL content. */
+int l2_chat_render(const L2Tokenizer *t, const L2Message *messages, int n_messages, int bos,
+                   int add_generation_prompt, int *ids, int max_ids, char *err);
+/* <|im_end|> encode("\n"): what closes a reply the model generated. Count or -1 as above. */
+int l2_chat_close_reply(const L2Tokenizer *t, int *ids, int max_ids, char *err);
+
 /* ---- sampler.c: argmax / temperature / top-p, seeded ---- */
 
 typedef struct L2Sampler L2Sampler;
@@ -111,14 +131,17 @@ int l2_sample(L2Sampler *s, float *logits);
 /* Called for every generated token; return nonzero to stop early. */
 typedef int (*l2_token_fn)(void *ctx, int token);
 
-/* Feeds prompt_ids (n_prompt >= 1, normally starting with BOS), then samples,
- * as llama2.c does: `steps` positions in all (0, or more than seq_len, means
- * seq_len), stopping early when it samples stop_a or stop_b (BOS and EOS; -1
- * for none). Generated ids (not the prompt, not the stop token) go to out (at
- * most max_out) and to on_token if not NULL. Returns how many were generated,
- * or -1 with err set. */
-int l2_generate(L2Model *m, L2Sampler *s, const int *prompt_ids, int n_prompt,
-                int steps, int stop_a, int stop_b, int *out, int max_out,
-                l2_token_fn on_token, void *ctx, char *err);
+/* Feeds ids[0..n_ids) (n_ids >= 1) as one batch at positions pos.. (the KV cache must hold
+ * 0..pos-1), then samples: up to max_new tokens (0: no limit), stopping before a token of
+ * stop[0..n_stop) (not output), or once a generated token lands at position max_pos (0, or more
+ * than seq_len, means seq_len; with pos 0 it is llama2.c's `steps`). When pos + n_ids exceeds
+ * max_pos only the ids before max_pos are fed, and nothing is generated. Generated ids go to out
+ * (at most max_out) and to on_token if not NULL (nonzero return: stop). *end_pos (if not NULL)
+ * receives how many positions the KV cache now holds: every id fed and every token generated,
+ * except the last one when generation ended on anything but a stop token. Returns how many
+ * tokens were generated, or -1 with err set. */
+int l2_generate(L2Model *m, L2Sampler *s, const int *ids, int n_ids, int pos, int max_pos,
+                int max_new, const int *stop, int n_stop, int *out, int max_out,
+                l2_token_fn on_token, void *ctx, int *end_pos, char *err);
 
 #endif

@@ -1,11 +1,11 @@
 /* tokenizer.c - tokenizer.bin loading, SentencePiece-exact BPE and unigram
- * encode, UTF-8-safe streaming decode.
+ * encode, UTF-8-safe streaming decode, ChatML rendering.
  *
  * tokenizer.bin (little-endian; llama2zh/vocab/export.py writes it):
  *   uint32 max_token_length, then per piece: float32 score, uint32 length,
  *   bytes (SentencePiece's piece with U+2581 written as ' ', byte pieces as
  *   <0xXX>). Upstream llama2.c stops there. Then an optional trailer running
- *   exactly to the end of the file: uint32 magic "L2ZT", uint32 version (1),
+ *   exactly to the end of the file: uint32 magic "L2ZT", uint32 version (1 or 2),
  *   uint32 payload length, payload:
  *     uint32 piece count; int32 unk, bos, eos, pad ids (-1: none);
  *     uint32 flags (1 add_dummy_prefix, 2 remove_extra_whitespaces,
@@ -15,7 +15,9 @@
  *     2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte);
  *     uint32 length + bytes of the unk surface;
  *     uint32 rule count, then per rule uint16 key length, uint16 value length,
- *     key, value: the normalizer (longest key at each position is replaced).
+ *     key, value: the normalizer (longest key at each position is replaced);
+ *     version 2 only (chat-tuned models): int32 im_start, im_end ids (two distinct
+ *     control pieces), uint32 length + bytes of the template's name ("chatml").
  *   A trailer is recognised by its magic AND its length field matching the
  *   bytes left. Without one (upstream files): unk 0, bos 1, eos 2,
  *   add_dummy_prefix on, byte pieces found by their text <0xXX>, byte
@@ -50,6 +52,7 @@ enum { F_DUMMY_PREFIX = 1, F_REMOVE_EXTRA = 2, F_ESCAPE = 4, F_SUFFIX = 8, F_BYT
 
 #define TRAILER_MAGIC 0x545A324Cu  /* the bytes "L2ZT" */
 #define MAX_TOKEN_LENGTH 65536u    /* longer pieces mean this is not a tokenizer.bin */
+#define CHAT_TEMPLATE "chatml"     /* the only template l2_chat_render knows */
 
 static const unsigned char SPACE_SYMBOL[3] = {0xE2, 0x96, 0x81};    /* U+2581 */
 static const unsigned char REPLACEMENT[3] = {0xEF, 0xBF, 0xBD};     /* U+FFFD */
@@ -94,6 +97,7 @@ struct L2Tokenizer {
     unsigned char rule_first[256];
     Table rules;
     size_t decode_bound;
+    int im_start, im_end; /* the chat template's special ids (trailer v2); -1 without one */
 };
 
 static uint32_t rd32(const unsigned char *p) {
@@ -272,9 +276,42 @@ static uint32_t take32(Cursor *c) {
 
 static int valid_id(int32_t id, int n, int allow_none) { return (allow_none && id == -1) || (id >= 0 && id < n); }
 
+/* Version 2's chat section, read once the piece types are known. */
+static int parse_chat(L2Tokenizer *t, Cursor *c, const char *name, char *err) {
+    int32_t ids[2] = {(int32_t)take32(c), (int32_t)take32(c)};
+    uint32_t template_len = take32(c);
+    const unsigned char *template = take(c, template_len);
+    if (c->short_read) {
+        set_err(err, "%s: trailer's chat section is truncated", name);
+        return 0;
+    }
+    for (int k = 0; k < 2; k++) {
+        if (!valid_id(ids[k], t->n, 0)) {
+            set_err(err, "%s: chat id %d is out of range (%d pieces)", name, ids[k], t->n);
+            return 0;
+        }
+        if (t->type[ids[k]] != T_CONTROL) { /* else text could encode to it and forge a turn */
+            set_err(err, "%s: chat id %d is not a control piece", name, ids[k]);
+            return 0;
+        }
+    }
+    if (ids[0] == ids[1]) {
+        set_err(err, "%s: chat ids <|im_start|> and <|im_end|> are the same piece %d", name, ids[0]);
+        return 0;
+    }
+    if (template_len != strlen(CHAT_TEMPLATE) || memcmp(template, CHAT_TEMPLATE, template_len) != 0) {
+        set_err(err, "%s: unknown chat template '%.*s'", name, template_len > 32 ? 32 : (int)template_len,
+                (const char *)template);
+        return 0;
+    }
+    t->im_start = ids[0];
+    t->im_end = ids[1];
+    return 1;
+}
+
 static int parse_trailer(L2Tokenizer *t, const unsigned char *p, size_t left, const char *name, char *err) {
     uint32_t version = rd32(p + 4);
-    if (version != 1) {
+    if (version != 1 && version != 2) {
         set_err(err, "%s: trailer version %u is not supported (written by a newer llama2zh?)", name, version);
         return 0;
     }
@@ -364,6 +401,7 @@ static int parse_trailer(L2Tokenizer *t, const unsigned char *p, size_t left, co
         if (key_len > t->max_rule_len) t->max_rule_len = key_len;
         t->rule_first[t->rule_key[r][0]] = 1;
     }
+    if (version == 2 && !parse_chat(t, &c, name, err)) return 0;
     if (c.p != c.end) {
         set_err(err, "%s: trailer has %zu unexpected bytes at its end", name, (size_t)(c.end - c.p));
         return 0;
@@ -484,6 +522,7 @@ L2Tokenizer *l2_tokenizer_open(const char *path, int vocab_size, char *err) {
         return NULL;
     }
     t->file = data;
+    t->im_start = t->im_end = -1;
     if (size < 4) {
         set_err(err, "%s: too short to be a tokenizer.bin (%zu bytes)", name, size);
         goto fail;
@@ -560,6 +599,13 @@ fail:
 int l2_tokenizer_vocab_size(const L2Tokenizer *t) { return t->n; }
 int l2_tokenizer_bos_id(const L2Tokenizer *t) { return t->bos_id; }
 int l2_tokenizer_eos_id(const L2Tokenizer *t) { return t->eos_id; }
+
+int l2_tokenizer_chat_ids(const L2Tokenizer *t, int *im_start, int *im_end) {
+    if (t->im_start < 0) return 0;
+    if (im_start) *im_start = t->im_start;
+    if (im_end) *im_end = t->im_end;
+    return 1;
+}
 
 /* ---- encode: normalizer ---- */
 
@@ -1066,4 +1112,87 @@ long l2_decode(const L2Tokenizer *t, const int *ids, int n_ids, char *out, size_
     }
     free(piece);
     return (long)total;
+}
+
+/* ---- chat: ChatML ids, the rule of llama2zh/chat.py ---- */
+
+/* Ids are counted in *n and written while they fit in max_ids, as l2_encode does. */
+static void put_chat_id(int *ids, int max_ids, long *n, int id) {
+    if (*n < max_ids) ids[*n] = id;
+    (*n)++;
+}
+
+/* The plain-text ids of role "\n" text: every stretch of text between the markers has this
+ * shape ("\n" alone is role "" and text "", the generation prompt role "assistant"). */
+static int put_chat_text(const L2Tokenizer *t, const char *role, const char *text, int *ids, int max_ids,
+                         long *n, char *err) {
+    size_t role_len = strlen(role), text_len = strlen(text);
+    char *s = malloc(role_len + 1 + text_len);
+    if (!s) {
+        set_err(err, "chat: out of memory");
+        return 0;
+    }
+    memcpy(s, role, role_len);
+    s[role_len] = '\n';
+    memcpy(s + role_len + 1, text, text_len);
+    int room = *n < max_ids ? max_ids - (int)*n : 0;
+    int k = l2_encode(t, s, role_len + 1 + text_len, 0, 0, room ? ids + *n : NULL, room, err);
+    free(s);
+    if (k < 0) return 0;
+    *n += k;
+    return 1;
+}
+
+static int has_chat(const L2Tokenizer *t, char *err) {
+    if (t->im_start >= 0) return 1;
+    set_err(err, "chat: tokenizer.bin has no chat template (<|im_start|>, <|im_end|>)");
+    return 0;
+}
+
+static int known_role(const char *role) {
+    return role && (!strcmp(role, "system") || !strcmp(role, "user") || !strcmp(role, "assistant"));
+}
+
+/* The count as an int, or -1 when it does not fit one. */
+static int chat_count(long n, char *err) {
+    if (n <= INT32_MAX) return (int)n;
+    set_err(err, "chat: conversation too long (%ld ids)", n);
+    return -1;
+}
+
+int l2_chat_render(const L2Tokenizer *t, const L2Message *messages, int n_messages, int bos,
+                   int add_generation_prompt, int *ids, int max_ids, char *err) {
+    if (!has_chat(t, err)) return -1;
+    if (n_messages < 0 || (n_messages > 0 && !messages)) {
+        set_err(err, "chat: no messages given");
+        return -1;
+    }
+    if (!ids || max_ids < 0) max_ids = 0;
+    long n = 0;
+    if (bos && t->bos_id >= 0) put_chat_id(ids, max_ids, &n, t->bos_id);
+    for (int i = 0; i < n_messages; i++) {
+        const L2Message *m = &messages[i];
+        if (!known_role(m->role) || !m->content) {
+            set_err(err, "chat: message %d needs a role (system, user or assistant) and a content", i);
+            return -1;
+        }
+        put_chat_id(ids, max_ids, &n, t->im_start);
+        if (!put_chat_text(t, m->role, m->content, ids, max_ids, &n, err)) return -1;
+        put_chat_id(ids, max_ids, &n, t->im_end);
+        if (!put_chat_text(t, "", "", ids, max_ids, &n, err)) return -1;
+    }
+    if (add_generation_prompt) {
+        put_chat_id(ids, max_ids, &n, t->im_start);
+        if (!put_chat_text(t, "assistant", "", ids, max_ids, &n, err)) return -1;
+    }
+    return chat_count(n, err);
+}
+
+int l2_chat_close_reply(const L2Tokenizer *t, int *ids, int max_ids, char *err) {
+    if (!has_chat(t, err)) return -1;
+    if (!ids || max_ids < 0) max_ids = 0;
+    long n = 0;
+    put_chat_id(ids, max_ids, &n, t->im_end);
+    if (!put_chat_text(t, "", "", ids, max_ids, &n, err)) return -1;
+    return chat_count(n, err);
 }

@@ -65,8 +65,8 @@ class ChatSession:
         return ids
 
     def full(self) -> bool:
-        """No room left for another turn's ids and a reply."""
-        return self.pos + len(self.pending) >= self.seq_len
+        """The context is full: no room for another turn (as ./run -m chat decides)."""
+        return self.pos >= self.seq_len
 
 
 class _Streamer:

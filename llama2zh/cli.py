@@ -150,8 +150,10 @@ def cmd_download(args, overrides: list[str]) -> int:
         from llama2zh.corpus.sample_sft import write_sample_sft
 
         stats = write_sample_sft(dest / "sample-sft")
-        print(f"wrote {dest / 'sample-sft'}: train.jsonl ({stats['train']:,} conversations) and val.jsonl "
-              f"({stats['val']:,}), tasks: {', '.join(f'{k} {v}' for k, v in sorted(stats['tasks'].items()))}")
+        train, val = stats["train"], stats["val"]
+        print(f"wrote {dest / 'sample-sft'}: train.jsonl ({train['conversations']:,} conversations: "
+              f"{', '.join(f'{task} {n}' for task, n in train['tasks'].items())}; {train['with_system']:,} with a "
+              f"system prompt) and val.jsonl ({val['conversations']:,}, on held-out character/place/task combinations)")
         return 0
     if args.what == "sample":
         from llama2zh.corpus.sample import write_sample

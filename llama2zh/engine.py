@@ -93,7 +93,22 @@ class CTokenizer:
         self.vocab_size = lib().l2_tokenizer_vocab_size(handle)
         self.bos_id = lib().l2_tokenizer_bos_id(handle)
         self.eos_id = lib().l2_tokenizer_eos_id(handle)
+        chat = ffi.new("int[2]")
+        # (<|im_start|>, <|im_end|>) when tokenizer.bin carries a chat template, else None
+        self.chat_ids = (chat[0], chat[1]) if lib().l2_tokenizer_chat_ids(handle, chat, chat + 1) else None
         self._ids, self._err = ffi.new("int[]", 4096), _err_buffer()  # reused: one tokenizer, one thread
+
+    def _call_ids(self, call) -> np.ndarray:
+        """The ids call(ids, capacity, err) writes, retried with a buffer as big as the count it
+        returns when that exceeds the capacity (the C functions count what did not fit)."""
+        while True:
+            capacity = len(self._ids)
+            n = call(self._ids, capacity, self._err)
+            if n < 0:
+                _raise(self._err)
+            if n <= capacity:
+                return np.frombuffer(ffi.buffer(self._ids, 4 * n), dtype=np.int32).copy()
+            self._ids = ffi.new("int[]", 2 * n)  # grown once, reused by every later call
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         return self.encode_array(text, bos, eos).tolist()
@@ -101,14 +116,33 @@ class CTokenizer:
     def encode_array(self, text: str, bos: bool = True, eos: bool = False) -> np.ndarray:
         """The ids as an int32 array: no Python int per token, for bulk encoding."""
         data = text.encode("utf-8")
-        while True:
-            capacity = len(self._ids)
-            n = lib().l2_encode(self._handle, data, len(data), int(bos), int(eos), self._ids, capacity, self._err)
-            if n < 0:
-                _raise(self._err)
-            if n <= capacity:
-                return np.frombuffer(ffi.buffer(self._ids, 4 * n), dtype=np.int32).copy()
-            self._ids = ffi.new("int[]", 2 * n)  # grown once, reused by every later call
+        return self._call_ids(lambda ids, capacity, err: lib().l2_encode(
+            self._handle, data, len(data), int(bos), int(eos), ids, capacity, err))
+
+    def render_chat(self, messages: list[dict], bos: bool = True,
+                    add_generation_prompt: bool | None = None) -> list[int]:
+        """The ChatML ids of messages ({"role", "content"} dicts), by l2_chat_render.
+        add_generation_prompt (default: when the last message is not the assistant's) appends
+        <|im_start|>assistant\\n."""
+        if add_generation_prompt is None:
+            add_generation_prompt = not messages or messages[-1]["role"] != "assistant"
+        strings = []  # the C strings, alive until the call returns
+        c_messages = ffi.new("L2Message[]", len(messages))
+        for c_message, message in zip(c_messages, messages, strict=True):
+            for field in ("role", "content"):
+                text = message[field].encode("utf-8")
+                if b"\0" in text:
+                    raise EngineError(f"a message's {field} holds a NUL character")
+                strings.append(ffi.new("char[]", text))
+                setattr(c_message, field, strings[-1])
+        return self._call_ids(lambda ids, capacity, err: lib().l2_chat_render(
+            self._handle, c_messages, len(messages), int(bos), int(add_generation_prompt), ids, capacity,
+            err)).tolist()
+
+    def close_reply(self) -> list[int]:
+        """<|im_end|> encode("\\n"): what closes a reply the model generated."""
+        return self._call_ids(lambda ids, capacity, err: lib().l2_chat_close_reply(
+            self._handle, ids, capacity, err)).tolist()
 
     def decode_bytes(self, ids: list[int]) -> bytes:
         err = _err_buffer()
@@ -176,19 +210,40 @@ class CModel:
             return out
         return np.frombuffer(ffi.buffer(logits, 4 * self.vocab_size), dtype=np.float32).copy()
 
+    def generate_ids(self, ids: list[int], pos: int = 0, max_pos: int = 0, max_new: int = 0,
+                     stop: tuple[int, ...] = (), sampler: CSampler | None = None, temperature: float = 0.0,
+                     topp: float = 0.9, seed: int = 1234) -> tuple[list[int], int]:
+        """l2_generate: feeds ids at positions pos.. (the KV cache must hold 0..pos-1), then
+        samples up to max_new tokens (0: no limit), stopping before a stop id or once a token
+        lands at position max_pos (0: seq_len). Returns (the generated ids, the positions the KV
+        cache now holds: all but the last generated id when no stop id ended it). The sampler
+        (one for a whole conversation keeps one random stream) defaults to a fresh one from the
+        settings."""
+        sampler = sampler or CSampler(self.vocab_size, temperature, topp, seed)
+        err, end_pos = _err_buffer(), ffi.new("int *")
+        capacity = self.config["seq_len"] + 1
+        out = ffi.new("int[]", capacity)
+        n = lib().l2_generate(self._handle, sampler._handle, ffi.new("int[]", list(map(int, ids))), len(ids), pos,
+                              max_pos, max_new, ffi.new("int[]", list(stop)), len(stop), out, capacity, ffi.NULL,
+                              ffi.NULL, end_pos, err)
+        if n < 0:
+            _raise(err)
+        return list(out[0:n]), end_pos[0]
+
     def generate(self, tokenizer: CTokenizer, prompt: str, steps: int, temperature: float = 0.0,
                  topp: float = 0.9, seed: int = 1234) -> list[int]:
         """The ids `./run -n steps` generates after the prompt (prompt and stop token excluded)."""
-        prompt_ids = tokenizer.encode(prompt, bos=True)
-        err = _err_buffer()
-        sampler = lib().l2_sampler_new(self.vocab_size, temperature, topp, seed)
-        if sampler == ffi.NULL:
+        return self.generate_ids(tokenizer.encode(prompt, bos=True), max_pos=steps,
+                                 stop=(tokenizer.bos_id, tokenizer.eos_id), temperature=temperature, topp=topp,
+                                 seed=seed)[0]
+
+
+class CSampler:
+    """l2_sampler: argmax, or seeded temperature / top-p draws; one keeps its random stream
+    across generate_ids calls."""
+
+    def __init__(self, vocab_size: int, temperature: float = 0.0, topp: float = 0.9, seed: int = 1234):
+        handle = lib().l2_sampler_new(vocab_size, temperature, topp, seed)
+        if handle == ffi.NULL:
             raise EngineError("cannot allocate the sampler")
-        sampler = ffi.gc(sampler, lib().l2_sampler_free)
-        capacity = self.config["seq_len"] + 1
-        out = ffi.new("int[]", capacity)
-        n = lib().l2_generate(self._handle, sampler, ffi.new("int[]", prompt_ids), len(prompt_ids), steps,
-                              tokenizer.bos_id, tokenizer.eos_id, out, capacity, ffi.NULL, ffi.NULL, err)
-        if n < 0:
-            _raise(err)
-        return list(out[0:n])
+        self._handle = ffi.gc(handle, lib().l2_sampler_free)

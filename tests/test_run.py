@@ -391,7 +391,7 @@ def test_tokenizer_of_another_vocab(run_bin, tiny):
     (["MODEL", "-n", "12abc"], ["-n"]),
     (["MODEL", "-n", "99999999999999"], ["-n"]),
     (["MODEL", "-s", "-3"], ["-s"]),
-    (["MODEL", "-m", "chat"], ["chat"]),
+    (["MODEL", "-y", "be brief"], ["-y", "-m chat"]),
     (["MODEL", "-m", "poem"], ["poem"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_usage(run_bin, tiny, args, words):
@@ -400,6 +400,11 @@ def test_bad_usage(run_bin, tiny, args, words):
     result = run(run_bin, *args, check=False)
     assert_fails(result, 2, *words)
     assert result.stdout == b""
+
+
+def test_chat_needs_a_tokenizer_with_a_chat_template(run_bin, tiny):
+    model, tok, _, _ = tiny  # the id tokenizer has no trailer (tests/test_chat_engine.py runs chats)
+    assert_fails(run(run_bin, model, "-k", tok, "-m", "chat", check=False), 1, "no chat template")
 
 
 def test_help(run_bin):

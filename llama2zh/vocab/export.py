@@ -11,7 +11,7 @@ Layout, all integers little-endian:
                            unknown pieces theirs (<s>, </s>, <unk>)
     optional trailer, running exactly to the end of the file:
         uint32 magic "L2ZT" (the four bytes, i.e. 0x545A324C)
-        uint32 version (1)
+        uint32 version (1; 2 for a tokenizer with the chat template's pieces)
         uint32 payload length (= bytes left after this field)
         payload v1:
             uint32  piece count (must equal n)
@@ -28,11 +28,16 @@ Layout, all integers little-endian:
                     uint16 key length, uint16 value length, key bytes, value bytes
                     the normalizer: at each position of the input the longest key that
                     matches is replaced by its value (empty for identity normalizers)
+        payload v2: payload v1, then the chat section
+            int32   im_start_id, im_end_id   <|im_start|> and <|im_end|>: distinct control pieces
+            uint32  length, bytes      the template's name, ASCII: "chatml" (llama2zh/chat.py's rule)
 
 Upstream llama2.c reads exactly vocab_size pieces and ignores the trailer (it encodes every
 model with its BPE merge loop). A reader tells the trailer from one more piece by its magic
 AND its length field matching the bytes left. Files without flag 32 are BPE, so files written
-before unigram support read as they did; older readers refuse the unknown flag.
+before unigram support read as they did; older readers refuse the unknown flag. Version 2 is
+written exactly when the tokenizer.model holds both chat pieces as control pieces, so every
+other file stays version 1, byte for byte.
 
 The rules are the normalizer's own table (SentencePieceNormalizer.Decompile()), not a
 per-code-point approximation: NFKC is not per code point. Of baichuan's 224,725 rules only
@@ -53,13 +58,14 @@ from pathlib import Path
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
+from llama2zh.chat import TEMPLATE, chat_piece_ids
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_write_bytes
 
 MAGIC = b"L2ZT"
-VERSION = 1
+VERSIONS = (1, 2)  # 2: version 1's payload, then the chat section
 SPACE = "\u2581"
-UNUSED_TYPE, BYTE_TYPE = 5, 6
+CONTROL_TYPE, UNUSED_TYPE, BYTE_TYPE = 3, 5, 6
 FLAGS = ("add_dummy_prefix", "remove_extra_whitespaces", "escape_whitespaces",
          "treat_whitespace_as_suffix", "byte_fallback")
 UNIGRAM_FLAG = 1 << len(FLAGS)  # the trailer's model_type: "unigram" when set, else "bpe"
@@ -120,8 +126,9 @@ def tokenizer_data(model_path: str | os.PathLike) -> dict:
         types.append(UNUSED_TYPE if piece.piece == "\0" and proto.trainer_spec.byte_fallback else piece.type)
 
     norm, trainer = proto.normalizer_spec, proto.trainer_spec
+    chat = chat_piece_ids(processor)
     trailer = {
-        "version": VERSION,
+        "version": 2 if chat else 1,
         "model_type": MODEL_TYPES[trainer.model_type],
         "unk_id": processor.unk_id(), "bos_id": processor.bos_id(),
         "eos_id": processor.eos_id(), "pad_id": processor.pad_id(),
@@ -134,6 +141,7 @@ def tokenizer_data(model_path: str | os.PathLike) -> dict:
         "types": types,
         "unk_surface": trainer.unk_surface.encode("utf-8"),
         "rules": _normalizer_rules(proto),
+        "chat": {"im_start": chat[0], "im_end": chat[1], "template": TEMPLATE} if chat else None,
     }
     return {
         "max_token_length": max(len(p) for p in pieces),
@@ -154,6 +162,9 @@ def _payload(trailer: dict, n_pieces: int) -> bytes:
              struct.pack("<I", len(trailer["rules"]))]
     for key, value in trailer["rules"]:
         parts += [struct.pack("<HH", len(key), len(value)), key, value]
+    if trailer["version"] >= 2:
+        chat, name = trailer["chat"], trailer["chat"]["template"].encode("ascii")
+        parts += [struct.pack("<2iI", chat["im_start"], chat["im_end"], len(name)), name]
     return b"".join(parts)
 
 
@@ -198,8 +209,9 @@ class _Reader:
 
 def _read_trailer(r: _Reader, n_pieces: int) -> dict:
     _, version, _ = r.unpack("<4sII", "trailer header")
-    if version != VERSION:
-        raise UserError(f"{r.name}: trailer version {version} is not supported (this reader knows {VERSION})")
+    if version not in VERSIONS:
+        raise UserError(f"{r.name}: trailer version {version} is not supported (this reader knows "
+                        f"{' and '.join(map(str, VERSIONS))})")
     count, unk, bos, eos, pad, flags = r.unpack("<I4iI", "trailer")
     if count != n_pieces:
         raise UserError(f"{r.name}: trailer says {count} pieces, the file has {n_pieces}")
@@ -218,6 +230,7 @@ def _read_trailer(r: _Reader, n_pieces: int) -> dict:
         key_len, value_len = r.unpack("<HH", "normalizer rule")
         rules.append((r.take(key_len, "normalizer rule"), r.take(value_len, "normalizer rule")))
     trailer["rules"] = rules
+    trailer["chat"] = _read_chat(r, trailer["types"]) if version >= 2 else None
     if r.pos != len(r.data):
         raise UserError(f"{r.name}: {len(r.data) - r.pos} unexpected bytes at the end of the trailer")
     bad_type = next((i for i, t in enumerate(trailer["types"]) if not 1 <= t <= 6), None)
@@ -227,6 +240,20 @@ def _read_trailer(r: _Reader, n_pieces: int) -> dict:
     if not 0 <= unk < n_pieces or any(not -1 <= i < n_pieces for i in ids):
         raise UserError(f"{r.name}: trailer has an id out of range")
     return trailer
+
+
+def _read_chat(r: _Reader, types: list[int]) -> dict:
+    """Version 2's chat section, checked as the C engine checks it."""
+    im_start, im_end, length = r.unpack("<2iI", "chat section")
+    name = r.take(length, "chat template name")
+    for i in (im_start, im_end):
+        if not 0 <= i < len(types) or types[i] != CONTROL_TYPE:
+            raise UserError(f"{r.name}: chat id {i} is not a control piece of the vocab")
+    if im_start == im_end:
+        raise UserError(f"{r.name}: chat ids <|im_start|> and <|im_end|> are the same piece {im_start}")
+    if name != TEMPLATE.encode():
+        raise UserError(f"{r.name}: unknown chat template {name.decode('ascii', 'replace')!r}")
+    return {"im_start": im_start, "im_end": im_end, "template": TEMPLATE}
 
 
 def read_tokenizer_bin(path: str | os.PathLike) -> dict:
