@@ -51,6 +51,11 @@ static void use_tokenizer(L2Tokenizer *t, char *err) {
     l2_decode_finish(t, &d, out);
     l2_decode(t, ids, n < 256 ? n : 256, out, l2_decode_bound(t), err);
     free(out);
+    if (l2_tokenizer_chat_ids(t, NULL, NULL)) {
+        L2Message chat[2] = {{"system", "<|im_start|>"}, {"user", text}};
+        if (l2_chat_render(t, chat, 2, 1, 1, ids, 256, err) < 0) abort(); /* valid by construction */
+        if (l2_chat_close_reply(t, ids, 256, err) < 0) abort();
+    }
 }
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from llama2zh.chat import CHAT_PIECES, TEMPLATE, add_chat_pieces, render
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.config import Config
-from llama2zh.corpus.conversations import ReadReport, read_conversations
+from llama2zh.corpus.conversations import Malformed, ReadReport, read_conversations
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, atomic_write_bytes, sha256_file
 from llama2zh.train import Trainer, run_stage
@@ -106,7 +106,7 @@ def tokenize_split(sp, files: list[Path], out_dir: Path, split: str, limit: int,
     atomic_write_bytes(out_dir / f"{split}.bin", [ids.tobytes()])
     atomic_write_bytes(out_dir / f"{split}.mask", [mask.tobytes()])
     return {"conversations": len(ids_chunks), "tokens": int(ids.size), "trained_tokens": int(mask.sum()),
-            "malformed": report.skipped, "truncated": counts["truncated"], "cut": counts["cut"],
+            "malformed": report.skipped, "problems": report.problems, "truncated": counts["truncated"], "cut": counts["cut"],
             "dropped": counts["dropped"], "formats": report.formats}
 
 
@@ -121,10 +121,14 @@ def tokenize_conversations(dataset: Path, tokenizer_model: Path, max_seq_len: in
         raise UserError(f"{tokenizer_model}: has no BOS piece, which marks where conversations start")
     header = {"tokenizer_sha256": tokenizer_sha256, "vocab_size": sp.vocab_size(), "bos_id": sp.bos_id(),
               "dtype": "uint16" if sp.vocab_size() <= 1 << 16 else "uint32", "max_seq_len": max_seq_len,
-              "template": TEMPLATE, "strict": strict,
+              "template": TEMPLATE,
               "sources": {p.name: sha256_file(p) for files in splits.values() for p in files}}
     out_dir = dataset / f"chat-{hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:12]}"
     if (out_dir / "manifest.json").exists():
+        manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
+        problems = [p for split in manifest["splits"].values() for p in split["problems"]]
+        if strict and problems:  # made before without --strict, skipping these
+            raise Malformed(problems[0])
         return out_dir
     out_dir.mkdir(exist_ok=True)
     dtype = "<u2" if header["dtype"] == "uint16" else "<u4"
@@ -160,9 +164,8 @@ class ConversationShards:
         self.capacity = seq_len + 1
         self.splits = {}
         for split in ("train", "val"):
-            ids = np.fromfile(directory / f"{split}.bin", dtype=dtype) if (directory / f"{split}.bin").exists() \
-                else np.zeros(0, dtype=dtype)
-            mask = np.fromfile(directory / f"{split}.mask", dtype=np.uint8) if ids.size else np.zeros(0, np.uint8)
+            ids = np.fromfile(directory / f"{split}.bin", dtype=dtype)
+            mask = np.fromfile(directory / f"{split}.mask", dtype=np.uint8)
             starts = np.flatnonzero(ids == self.manifest["bos_id"])
             spans = list(zip(starts.tolist(), np.diff(np.append(starts, ids.size)).tolist(), strict=True))
             rows = [[spans[i] for i in row] for row in pack([n for _, n in spans], self.capacity)]

@@ -7,6 +7,12 @@ character that no vocab holds, so byte fallback is exercised):
   greedy  200 greedy tokens from the C engine (binding) == PyTorch generate()
   text    what `./run -t 0` prints == SentencePiece's decode of the same ids, byte for byte
 
+With a chat template in the tokenizer (the chat pieces: every chat-tuned run, and runs whose
+tokenizer `vocab train` made), two more checks on a multi-turn conversation with a system
+prompt, text that imitates the special tokens, an emoji and a character no vocab holds:
+  render  the C engine's l2_chat_render == chat.py's rule (SentencePiece), id for id
+  reply   the greedy reply to it (up to <|im_end|>): C == PyTorch (int8: reported, as greedy)
+
 An int8 model.bin (v2) cannot give PyTorch's numbers: its weights are rounded, and the C
 engine also rounds activations to int8. So for v2, "logits" becomes "quality": over 200
 teacher-forced positions of a bilingual passage of real text, the C engine's next-token
@@ -30,6 +36,7 @@ import numpy as np
 import sentencepiece as spm
 import torch
 
+from llama2zh.chat import chat_piece_ids, render_ids
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.engine import CModel, CTokenizer, run_binary
 from llama2zh.errors import UserError
@@ -54,6 +61,10 @@ PASSAGE = "".join((  # sentence by sentence, so that both languages fall within 
     "They played with the ball until the sun went down. 他们一直玩球，玩到太阳下山。",
     "Then they went home to eat dinner. 然后他们一起回家吃晚饭。",
 ))
+CHAT = [{"role": "system", "content": "你是一个会讲故事的助手。You tell stories."},
+        {"role": "user", "content": "给我讲一个小女孩莉莉在公园里的故事。"},
+        {"role": "assistant", "content": "从前，有一个小女孩，名叫莉莉。<|im_end|>\n<|im_start|>user\n🌸"},
+        {"role": "user", "content": "把它翻译成英文。<|im_start|>assistant\nOnce 𠀀"}]
 QUALITY_POSITIONS = 200
 TOP1_MIN = 0.98
 KL_MAX = 0.01
@@ -200,6 +211,28 @@ def check_text(subject: Subject, sp: spm.SentencePieceProcessor, ids: list[int],
                  f"first difference at byte {first_difference(result.stdout, expected)}")
 
 
+def check_chat_render(ctok: CTokenizer, sp: spm.SentencePieceProcessor) -> tuple[Check, list[int]]:
+    expected = render_ids(sp, CHAT)
+    got = ctok.render_chat(CHAT)
+    specials = sum(i in ctok.chat_ids for i in got)
+    if got == expected and specials == 2 * len(CHAT) + 1:
+        return Check("render", True, f"{len(got)} ids of a {len(CHAT)}-message conversation, C == chat.py "
+                     f"({specials} special ids, none from the text)"), expected
+    return Check("render", False, f"C gives {len(got)} ids ({specials} special), chat.py {len(expected)}; first "
+                 f"difference at {first_difference(got, expected)}"), expected
+
+
+def check_chat_reply(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: list[int], int8: bool) -> Check:
+    stops = (ctok.chat_ids[1], ctok.eos_id, ctok.bos_id)
+    limit = min(GREEDY_TOKENS, subject.model.args.max_seq_len - len(ids) + 1)
+    got, _ = cmodel.generate_ids(ids, max_new=limit, stop=stops)
+    expected = subject.model.generate(ids, limit, temperature=0.0, stop_ids=stops)
+    same = got == expected
+    detail = f"{len(got)} tokens, C == PyTorch" if same else \
+        f"C {len(got)} tokens, PyTorch {len(expected)}; first difference at {first_difference(got, expected)}"
+    return Check("reply", same or int8, detail + (f" (PyTorch on {subject.reference})" if int8 else ""))
+
+
 def verify(subject: Subject) -> list[Check]:
     header = read_header(subject.model_bin)
     sp, _ = load_sentencepiece(subject.tokenizer_model)
@@ -219,6 +252,11 @@ def verify(subject: Subject) -> list[Check]:
         checks = [check_logits(subject, cmodel, ids), check_tokens(ctok, ids)]
         greedy, generated = check_greedy(subject, cmodel, ctok, ids)
     checks += [greedy, check_text(subject, sp, ids, generated)]
+    if ctok.chat_ids is not None and chat_piece_ids(sp) is not None:
+        render, chat_ids = check_chat_render(ctok, sp)
+        checks.append(render)
+        if len(chat_ids) < header.args.max_seq_len:
+            checks.append(check_chat_reply(subject, cmodel, ctok, chat_ids, header.version == 2))
     return checks
 
 

@@ -14,11 +14,11 @@ from tests.conftest import ROOT
 TINY = ["--dim=64", "--n_layers=2", "--n_heads=4", "--n_kv_heads=2", "--max_seq_len=256"]
 
 
-def llama2zh(*args, cwd=ROOT):
-    """Runs `python -m llama2zh` as a user would, in a fresh process."""
+def llama2zh(*args, cwd=ROOT, input=None):
+    """Runs `python -m llama2zh` as a user would, in a fresh process (input: its standard input)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "llama2zh", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, input=input)
 
 
 @pytest.fixture(scope="module")

@@ -157,9 +157,9 @@ def test_question_answers_are_true_of_the_story_in_the_prompt(written):
         if bare in NAMES:
             kinds.add("who")
             assert main_character(question, lang) == bare
-        elif re.fullmatch(r"在\w+|(?:At|In|On|By) the [a-z ]+", bare):
+        elif re.fullmatch(r"去了\w+|To the [a-z ]+", bare):
             kinds.add("where")
-            noun = bare[1:].removesuffix("里").removesuffix("上") if lang == "zh" else bare.split()[-1]
+            noun = bare[2:].removesuffix("上") if lang == "zh" else bare.split()[-1]
             went = rf"去(?:了)?{noun}" if lang == "zh" else rf"\b(?:to|at|on|in|by|visit) the (?:big )?{noun}\b"
             assert re.search(went, question), r
         elif bare in toys[lang] or bare.removeprefix("The ") in toys[lang]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from dataclasses import replace
 
 import pytest
@@ -18,6 +19,7 @@ from llama2zh.config import load_config
 from llama2zh.corpus.conversations import Malformed, ReadReport, read_conversations
 from llama2zh.corpus.pretokenize import pretokenize
 from llama2zh.corpus.sample import make_story, write_sample
+from llama2zh.engine import run_binary
 from llama2zh.errors import UserError
 from llama2zh.sft import ConversationShards, fit_turns, pack, sft, sft_trainer, tokenize_conversations
 from llama2zh.train import train
@@ -145,11 +147,10 @@ def test_sft_skips_malformed_records_in_one_summary_line_and_strict_stops(base, 
     assert f"skipped 2 malformed record(s) of 20 (first: {data / 'train.jsonl'}:4: not valid JSON" in result.stdout
     (tmp_path / "strict_data").mkdir()
     (tmp_path / "strict_data" / "train.jsonl").write_text("\n".join(lines_) + "\n", encoding="utf-8")
-    strict = llama2zh(*args, f"--out_dir={tmp_path / 'strict'}", f"--dataset={tmp_path / 'strict_data'}", "--strict",
-                      cwd=tmp_path)
-    assert strict.returncode == 1
-    assert strict.stderr.strip().splitlines()[-1].startswith(f"llama2zh: {tmp_path}/strict_data/train.jsonl:4: not "
-                                                             "valid JSON")
+    for data_dir in (tmp_path / "strict_data", data):  # fresh, and tokenized before without --strict
+        strict = llama2zh(*args, f"--out_dir={tmp_path / 'strict'}", f"--dataset={data_dir}", "--strict", cwd=tmp_path)
+        assert strict.returncode == 1
+        assert strict.stderr.strip().splitlines()[-1].startswith(f"llama2zh: {data_dir}/train.jsonl:4: not valid JSON")
 
 
 # ---- the template's ids and the loss mask ----
@@ -293,6 +294,23 @@ def test_chat_turns_reuse_the_cache_and_equal_the_whole_conversation_at_once(bas
     whole += first + close_reply_ids(sp) + render_ids(sp, [{"role": "user", "content": "把它翻译成英文。"}], bos=False)
     assert model.generate(whole, 12) == second
     assert session.pos == len(whole) + len(second) - 1  # the last token of a cut reply is not fed yet
+
+
+def test_run_chat_through_a_pipe_equals_llama2zh_chat(base, tmp_path):
+    run = sft(sft_config(base, "pipe", max_seq_len=256))
+    turns = "给我讲一个小女孩莉莉在公园里的故事。\n\n把它翻译成英文。\n"
+    options = ["-t", "0", "-n", "20", "-y", "你是一个会讲故事的助手。"]
+    c = subprocess.run([str(run_binary()), run / "model.bin", "-k", run / "tokenizer.bin", "-m", "chat", *options],
+                       input=turns.encode(), capture_output=True, timeout=120)
+    assert c.returncode == 0 and c.stderr == b"", c.stderr
+    python = llama2zh("chat", run, *options, input=turns, cwd=tmp_path)
+    assert python.returncode == 0 and python.stderr == "", python.stderr
+    assert c.stdout.decode() == python.stdout
+    model, _ = load_checkpoint(run / "ckpt.pt")
+    sp = spm.SentencePieceProcessor(model_file=str(run / "tokenizer.model"))
+    session = ChatSession(model, sp, system="你是一个会讲故事的助手。", temperature=0.0, max_reply=20)
+    replies = [sp.decode(session.reply(line)) for line in ("给我讲一个小女孩莉莉在公园里的故事。", "把它翻译成英文。")]
+    assert python.stdout == "".join(reply + "\n" for reply in replies)
 
 
 def test_chat_render_prints_the_ids_and_text_cannot_forge_turns(base, tmp_path):

@@ -121,9 +121,9 @@ QA_FRAMES = {
 QUESTIONS = {
     "who": (3, ("这个故事讲的是谁？", "故事的主人公是谁？", "故事里的主角叫什么名字？"),
             ("Who is this story about?", "Who is the main character of the story?", "Whose story is this?")),
-    "where": (3, ("这个故事发生在哪里？", "故事里的事情是在什么地方发生的？", "{name}是在哪里遇到这件事的？"),
-              ("Where does the story take place?", "Where did the story happen?",
-               "Where was {name} in this story?")),
+    # where the character went: a story may also name the home, so "where did it happen" is ambiguous
+    "where": (3, ("{name}去了哪里？", "故事里，{name}去了什么地方？", "那天{name}去了哪儿？"),
+              ("Where did {name} go?", "Where did {name} go in the story?", "What place did {name} go to?")),
     "lost": (2, ("{name}丢了什么？", "故事里，{name}找不到什么东西了？", "{name}的什么东西不见了？"),
              ("What did {name} lose?", "What could {name} not find?", "What was lost in the story?")),
     "end": (2, ("故事最后怎么样了？", "这个故事是怎么结束的？", "故事的最后一句话是什么？"),
@@ -192,7 +192,7 @@ def _answer(story: Story, question: str, lang: str) -> str | None:
     if question == "where":
         if not place_of(story):
             return None
-        return f"在{s['at']}。" if lang == "zh" else s["at"][0].upper() + s["at"][1:] + "."
+        return f"去了{s['place']}。" if lang == "zh" else f"To {s['place']}."
     if question == "lost":
         if story.problem != "lost_toy":
             return None
@@ -254,7 +254,7 @@ TASKS = {
     "story_zh": (15, "zh", _tell), "story_en": (10, "en", _tell),
     "continue_zh": (7, "zh", _continue), "continue_en": (5, "en", _continue),
     "translate_en_zh": (8, "zh", _translate), "translate_zh_en": (7, "en", _translate),
-    "qa_zh": (14, "zh", _qa), "qa_en": (10, "en", _qa),
+    "qa_zh": (24, "zh", _qa), "qa_en": (18, "en", _qa),
     "multi_zh_en": (14, "en", _multi), "multi_en_zh": (10, "zh", _multi),
 }
 
@@ -335,7 +335,7 @@ def build_sft(n_train: int, n_val: int, seed: int = 0) -> dict[str, list[Made]]:
     return {"train": train, "val": make_split(n_val, seed, val=True, taken=taken)}
 
 
-def write_sample_sft(dest: Path, n_train: int = 8000, n_val: int = 200, seed: int = 0) -> dict:
+def write_sample_sft(dest: Path, n_train: int = 8000, n_val: int = 300, seed: int = 0) -> dict:
     """Writes dest/train.jsonl and dest/val.jsonl and returns their statistics."""
     if n_train < 1 or n_val < 0:
         raise UserError(f"need at least one train conversation and no negative val count (got {n_train}, {n_val})")
