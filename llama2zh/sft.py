@@ -106,8 +106,8 @@ def tokenize_split(sp, files: list[Path], out_dir: Path, split: str, limit: int,
     atomic_write_bytes(out_dir / f"{split}.bin", [ids.tobytes()])
     atomic_write_bytes(out_dir / f"{split}.mask", [mask.tobytes()])
     return {"conversations": len(ids_chunks), "tokens": int(ids.size), "trained_tokens": int(mask.sum()),
-            "malformed": report.skipped, "problems": report.problems, "truncated": counts["truncated"], "cut": counts["cut"],
-            "dropped": counts["dropped"], "formats": report.formats}
+            "malformed": report.skipped, "problems": report.problems, "formats": report.formats,
+            **{how: counts[how] for how in ("truncated", "cut", "dropped")}}
 
 
 def tokenize_conversations(dataset: Path, tokenizer_model: Path, max_seq_len: int, strict: bool = False) -> Path:

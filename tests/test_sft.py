@@ -95,8 +95,9 @@ def test_the_three_forms_give_the_same_messages(tmp_path):
                                    "value": m["content"]} for m in CONVERSATION]}
     write_jsonl(tmp_path / "native.jsonl", [native])
     write_jsonl(tmp_path / "sharegpt.jsonl", [sharegpt])
-    write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "讲一个故事。", "input": "关于莉莉", "output": "好的。"},
-                                            {"instruction": "Hi", "input": "", "output": "Hello.", "system": "Be kind."}])
+    write_jsonl(tmp_path / "alpaca.jsonl", [
+        {"instruction": "讲一个故事。", "input": "关于莉莉", "output": "好的。"},
+        {"instruction": "Hi", "input": "", "output": "Hello.", "system": "Be kind."}])
     report = ReadReport()
     assert list(read_conversations(tmp_path / "native.jsonl", report)) == [CONVERSATION]
     assert list(read_conversations(tmp_path / "sharegpt.jsonl", report)) == [CONVERSATION]

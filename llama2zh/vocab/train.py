@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -97,7 +98,15 @@ def train_tokenizer(inputs: Iterable[str | Path], vocab_size: int, out_dir: str 
     if vocab_size <= len(CHAT_PIECES):
         raise UserError(f"--vocab-size {vocab_size} leaves no room beside the {len(CHAT_PIECES)} chat pieces")
     settings = {**SETTINGS, **overrides, "model_type": model_type, "vocab_size": vocab_size - len(CHAT_PIECES)}
-    model, n_lines = sentencepiece_train(lines(read_documents(inputs, lang)), seed=seed, **settings)
+    try:
+        model, n_lines = sentencepiece_train(lines(read_documents(inputs, lang)), seed=seed, **settings)
+    except UserError as e:  # SentencePiece's sizes leave out the chat pieces: give the user's
+        too_high = re.fullmatch(r"(.*Vocabulary size too high \()\d+(\)\. Please set it to a value <= )(\d+)(.*)",
+                                str(e))
+        if not too_high:
+            raise
+        head, middle, most, tail = too_high.groups()
+        raise UserError(f"{head}{vocab_size}{middle}{int(most) + len(CHAT_PIECES)}{tail}") from None
     model, _ = add_chat_pieces(model)  # the last ids: every trained piece keeps the id SentencePiece gave it
     meta = {"kind": "train", "lang": lang, "vocab_size": vocab_size, "model_type": model_type,
             "corpus": corpus_meta(inputs), "lines": n_lines, "seed": seed, "settings": settings}
