@@ -10,7 +10,15 @@ import zlib
 import pytest
 
 from llama2zh.corpus.sample import BOYS, GIRLS, PETS, PLACES, TOYS, write_sample
-from llama2zh.corpus.sample_sft import TASKS, build_sft, make_split, prompt_key, write_sample_sft
+from llama2zh.corpus.sample_sft import (
+    QUESTIONS,
+    TASKS,
+    TOKEN_BUDGET,
+    build_sft,
+    make_split,
+    prompt_key,
+    write_sample_sft,
+)
 from llama2zh.errors import UserError
 
 N_TRAIN, N_VAL, SEED = 400, 60, 3
@@ -79,7 +87,7 @@ def test_files_stats_and_build_agree(written, built):
         assert len(records[split]) == n == stats[split]["conversations"]
         assert sum(stats[split]["tasks"].values()) == sum(stats[split]["langs"].values()) == n
         assert [m.record for m in built[split]] == records[split]
-    assert stats["longest"]["tokens_estimated"] <= 256
+    assert stats["longest"]["tokens_estimated"] <= TOKEN_BUDGET
 
 
 def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
@@ -151,26 +159,36 @@ def test_question_answers_are_true_of_the_story_in_the_prompt(written):
     for r in all_records(written):
         if not r["task"].startswith("qa_"):
             continue
-        lang, question, answer = r["lang"], r["conversations"][-2]["content"], r["answer"]
-        assert re.search(r'[.!?。！？]["”]?$', answer) and in_language(question, lang)
-        bare = answer[:-1]  # without its full stop
-        if bare in NAMES:
-            kinds.add("who")
-            assert main_character(question, lang) == bare
-        elif re.fullmatch(r"去了\w+|To the [a-z ]+", bare):
-            kinds.add("where")
-            noun = bare[2:].removesuffix("上") if lang == "zh" else bare.split()[-1]
-            went = rf"去(?:了)?{noun}" if lang == "zh" else rf"\b(?:to|at|on|in|by|visit) the (?:big )?{noun}\b"
-            assert re.search(went, question), r
-        elif bare in toys[lang] or bare.removeprefix("The ") in toys[lang]:
-            kinds.add("lost")
-            toy = bare if lang == "zh" else bare.removeprefix("The ")
-            gone = rf"{toy}不见了|找不到\w的{toy}" if lang == "zh" else rf"the {toy} was gone|could not find \w+ {toy}"
-            assert re.search(gone, question), r
-        else:  # how it ends: the story's last sentence, where the story stops
-            kinds.add("end")
-            assert len(bare) > 8 and (question.endswith(answer) or answer + "\n\n" in question), r
+        turns = [m for m in r["conversations"] if m["role"] != "system"]
+        story, lang = turns[0]["content"], r["lang"]  # the first question comes with the story
+        assert r["answer"] == turns[-1]["content"] and 2 <= len(turns) <= 2 * len(QUESTIONS)
+        asked = set()
+        for question, answer in zip(turns[::2], turns[1::2], strict=True):
+            assert re.search(r'[.!?。！？]["”]?$', answer["content"]) and in_language(question["content"], lang)
+            kinds.add(kind := answer_kind(answer["content"], story, lang, toys))
+            asked.add(kind)
+        assert len(asked) == len(turns) // 2  # each kind of question once
     assert kinds == {"who", "where", "lost", "end"}
+
+
+def answer_kind(answer: str, story: str, lang: str, toys: dict) -> str:
+    """The kind of question answer answers, checked true of the story."""
+    bare = answer[:-1]  # without its full stop
+    if bare in NAMES:
+        assert main_character(story, lang) == bare
+        return "who"
+    if re.fullmatch(r"去了\w+|To the [a-z ]+", bare):
+        noun = bare[2:].removesuffix("上") if lang == "zh" else bare.split()[-1]
+        went = rf"去(?:了)?{noun}" if lang == "zh" else rf"\b(?:to|at|on|in|by|visit) the (?:big )?{noun}\b"
+        assert re.search(went, story), story
+        return "where"
+    if bare in toys[lang] or bare.removeprefix("The ") in toys[lang]:
+        toy = bare if lang == "zh" else bare.removeprefix("The ")
+        gone = rf"{toy}不见了|找不到\w的{toy}" if lang == "zh" else rf"the {toy} was gone|could not find \w+ {toy}"
+        assert re.search(gone, story), story
+        return "lost"
+    assert len(bare) > 8 and (story.endswith(answer) or answer + "\n\n" in story), story  # its last sentence
+    return "end"
 
 
 def test_val_combinations_and_prompts_never_occur_in_train(written, built):

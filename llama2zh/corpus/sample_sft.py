@@ -21,8 +21,9 @@ story, an answer is read off the slots. The tasks (TASKS, with their weights):
     continue_zh, continue_en      its first 2 or 3 sentences -> the rest of the story
     translate_en_zh               asked in Chinese, an English story -> its Chinese side
     translate_zh_en               asked in English, a Chinese story -> its English side
-    qa_zh, qa_en                  a story and a question (QUESTIONS: who, where, what was lost,
-                                  how it ends) -> a short fixed-form answer
+    qa_zh, qa_en                  a story and up to four questions, one a turn (QUESTIONS: who,
+                                  where the character went, what was lost, how it ends) -> short
+                                  fixed-form answers; the last one is what an evaluation scores
     multi_zh_en, multi_en_zh      a story asked for, then "把它翻译成英文。" / "Now translate it
                                   into Chinese." -> the other side
 
@@ -34,12 +35,10 @@ val bucket of a stable hash (zlib.crc32 of "name|place|task", place "" when none
 only the others; and no val prompt (the messages before the last reply, system prompt aside) is
 verbatim in train or twice in val.
 
-Length: the model sees 256 tokens. A conversation is kept only when its ChatML length, estimated
-by rates fitted to the sample tokenizer (estimate_tokens), is at most TOKEN_BUDGET; with that
-tokenizer none of the default output is over 256 (the longest is 248). Only about half of all
-tell-then-translate conversations would fit 256 tokens at all, so translate_* and multi_* are
-made from the shorter stories: the budget keeps about one story in two for translate_* and one
-in eight for multi_*.
+Length: a conversation is kept only when its ChatML length, estimated by rates fitted to the
+sample tokenizer (estimate_tokens), is at most TOKEN_BUDGET (280; sft's context is 512, and
+packing is tighter when most conversations take under half of it). Translate_* and multi_*, which
+hold a story twice, are made from the shorter stories.
 """
 
 from __future__ import annotations
@@ -64,7 +63,7 @@ SYSTEM_SHARE = 0.3  # of the tries; about 0.2 of the conversations, as long ones
 # they lack (翻译, 故事, translate) in pieces or bytes; 4 for a message's ChatML wrapping
 # (<|im_start|>, <|im_end|>, the newlines), 1 for BOS.
 ZH_STORY_TOKENS, EN_STORY_TOKENS, OTHER_TOKENS, MESSAGE_TOKENS = 0.37, 1.07, (1.3, 0.37), 4
-TOKEN_BUDGET = 232  # of the context's 256: the margin of the estimate's error
+TOKEN_BUDGET = 280  # well within the sft context's 512, and most conversations within 256
 MAX_TRIES = 20_000  # stories drawn for one conversation before giving up
 AT_PLACE = {"lost_toy", "toy_in_tree", "sharing", "helping_animal", "lost_way", "new_friend"}
 EN_TOKEN = re.compile(r"[A-Za-z']+|[^\sA-Za-z']")  # an English word or punctuation mark
@@ -233,13 +232,19 @@ def _translate(rng, story, lang, question):
 
 
 def _qa(rng, story, lang, question):
-    answer = _answer(story, question, lang)
-    if answer is None:
+    """The story and up to four questions about it, one a turn, the drawn question last: each
+    conversation trains several short answers on one long prompt."""
+    if _answer(story, question, lang) is None:
         return None
-    _, zh, en = QUESTIONS[question]
-    asked = rng.choice(zh if lang == "zh" else en).format(name=_slots(story, lang)["name"])
-    prompt = rng.choice(QA_FRAMES[lang]).format(story=_text(story, lang), question=asked)
-    return _turns(prompt, answer), "", answer
+    others = [q for q in QUESTIONS if q != question and _answer(story, q, lang) is not None]
+    contents = []
+    for q in rng.sample(others, rng.randint(0, len(others))) + [question]:
+        _, zh, en = QUESTIONS[q]
+        asked = rng.choice(zh if lang == "zh" else en).format(name=_slots(story, lang)["name"])
+        if not contents:
+            asked = rng.choice(QA_FRAMES[lang]).format(story=_text(story, lang), question=asked)
+        contents += [asked, _answer(story, q, lang)]
+    return _turns(*contents), "", contents[-1]
 
 
 def _multi(rng, story, lang, question):
