@@ -423,8 +423,32 @@ static int byte_piece_value(const unsigned char *s, int len) {
     return hi < 0 || lo < 0 ? -1 : hi << 4 | lo;
 }
 
-/* The defaults for an upstream llama2.c file, which has no trailer. */
-static void infer_defaults(L2Tokenizer *t) {
+/* Where llama2.c from July 2023 (3bfa566 to c02865d) and llama2.c-zh put the byte pieces: each
+ * written as the byte itself, as a UTF-8 character (0x41 "A", 0x80 C2 80): the start of a run of
+ * 256 such pieces in byte order, or -1. */
+static int raw_byte_run(const L2Tokenizer *t) {
+    for (int start = 0; start + 256 <= t->n; start++) {
+        int b = 0;
+        for (; b < 256; b++) {
+            unsigned char utf8[2] = {(unsigned char)(b < 0x80 ? b : 0xC0 | b >> 6), (unsigned char)(0x80 | (b & 0x3F))};
+            int len = b < 0x80 ? 1 : 2;
+            if (t->piece_len[start + b] != len || memcmp(t->piece[start + b], utf8, (size_t)len)) break;
+        }
+        if (b == 256) return start;
+    }
+    return -1;
+}
+
+static void set_byte_piece(L2Tokenizer *t, int id, int b) {
+    t->byte_id[b] = id;
+    t->byte_of[id] = (short)b;
+    t->type[id] = T_BYTE;
+    t->flags |= F_BYTE_FALLBACK;
+}
+
+/* The defaults for an upstream llama2.c file, which has no trailer; 0 with err when its scores
+ * are a unigram model's (log probabilities), which such a file cannot say and BPE would misread. */
+static int infer_defaults(L2Tokenizer *t, const char *name, char *err) {
     t->unk_id = 0;
     t->bos_id = t->n > 1 ? 1 : -1;
     t->eos_id = t->n > 2 ? 2 : -1;
@@ -439,12 +463,18 @@ static void infer_defaults(L2Tokenizer *t) {
         } else if (i == t->bos_id || i == t->eos_id) {
             t->type[i] = T_CONTROL;
         } else if (b >= 0 && t->byte_id[b] < 0) {
-            t->byte_id[b] = i;
-            t->byte_of[i] = (short)b;
-            t->type[i] = T_BYTE;
-            t->flags |= F_BYTE_FALLBACK;
+            set_byte_piece(t, i, b);
+        } else if (t->score[i] != floorf(t->score[i])) { /* BPE scores are minus the merge rank */
+            set_err(err, "%s: has no trailer and piece %d's score %g is not a BPE rank: a unigram model? "
+                         "(write its tokenizer.bin with `llama2zh vocab export tokenizer.model`)",
+                    name, i, (double)t->score[i]);
+            return 0;
         }
     }
+    int run = t->flags & F_BYTE_FALLBACK ? -1 : raw_byte_run(t);
+    for (int b = 0; run >= 0 && b < 256; b++)
+        if (run + b != t->unk_id && run + b != t->bos_id && run + b != t->eos_id) set_byte_piece(t, run + b, b);
+    return 1;
 }
 
 /* Lookup structures shared by both kinds of file. */
@@ -586,8 +616,8 @@ L2Tokenizer *l2_tokenizer_open(const char *path, int vocab_size, char *err) {
     for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
     if (pos < size) {
         if (!parse_trailer(t, data + pos, size - pos, name, err)) goto fail;
-    } else {
-        infer_defaults(t);
+    } else if (!infer_defaults(t, name, err)) {
+        goto fail;
     }
     if (!build_index(t, name, err)) goto fail;
     return t;

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import random
+import struct
 import time
 from pathlib import Path
 
@@ -385,6 +386,58 @@ def test_stripped_trailer_falls_back_to_llama_defaults(built, tmp_path, corpus):
     for _ in range(200):
         ids = random_ids(rng)
         assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), ids
+
+
+# ---- the July-2023 format: byte pieces written as the bytes themselves, no trailer ----
+
+def july_2023_bin(model: Path) -> bytes:
+    """tokenizer.bin as llama2.c's tokenizer.py wrote it from July 2023 (3bfa566 to c02865d), and
+    llama2.c-zh's: <s> and </s> framed by newlines, each byte piece as chr(byte) in UTF-8."""
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    pieces, scores = [], []
+    for i in range(sp.get_piece_size()):
+        text = sp.id_to_piece(i)
+        if i in (sp.bos_id(), sp.eos_id()):
+            text = f"\n{text}\n"
+        elif sp.is_byte(i):
+            text = chr(int(text[3:5], 16))
+        pieces.append(text.replace("\u2581", " ").encode("utf-8"))
+        scores.append(sp.get_score(i))
+    body = b"".join(struct.pack("<fI", score, len(piece)) + piece for piece, score in zip(pieces, scores, strict=True))
+    return struct.pack("<I", max(map(len, pieces))) + body
+
+
+@pytest.mark.parametrize("name", SHARED_TOKENIZERS)
+def test_july_2023_files_read_their_byte_pieces_as_bytes(name, corpus, tmp_path):
+    model = shared_path(f"tokenizers/{name}/tokenizer.model")
+    shipped = shared_path(f"thirdparty/llama2c_zh/{name}.bin")
+    assert july_2023_bin(model) == shipped.read_bytes()  # the format, understood
+    sp, ct = spm.SentencePieceProcessor(model_file=str(model)), CTokenizer(shipped, 0)
+    assert (ct.vocab_size, ct.bos_id, ct.eos_id) == (sp.get_piece_size(), sp.bos_id(), sp.eos_id())
+    # decoding: byte pieces are bytes (no Latin-1 mojibake), every other piece as SentencePiece
+    rng, random_ids = random.Random(11), id_sampler(sp)
+    for _ in range(300):
+        ids = random_ids(rng)
+        assert ct.decode_bytes(ids) == sp.decode(ids).encode("utf-8"), ids
+    # encoding: as SentencePiece wherever the file can tell, so not baichuan's normalizer (given its
+    # normalized text instead) nor its user-defined pieces (<SEP>, <reserved_7>, ...)
+    def as_file_knows(text: str) -> str:
+        return sp.normalize(text).replace("\u2581", " ").removeprefix(" ") if name == "baichuan" else text
+
+    texts = [t for t in corpus if name != "baichuan" or "<" not in t]
+    wrong = [t[:40] for t in texts if ct.encode(as_file_knows(t), bos=False) != sp.encode(t)]
+    assert not wrong and len(texts) > 300, wrong[:3]
+    data = read_tokenizer_bin(shipped)
+    assert data["trailer"] is None
+    assert write_tokenizer_bin(data, tmp_path / "copy.bin").read_bytes() == shipped.read_bytes()
+
+
+def test_a_trailerless_unigram_file_is_refused_not_read_as_bpe(built, tmp_path):
+    _, path = built("unigram")
+    data = read_tokenizer_bin(path)
+    data["trailer"] = None
+    with pytest.raises(EngineError, match=r"has no trailer and piece \d+'s score -?[\d.]+ is not a BPE rank"):
+        CTokenizer(write_tokenizer_bin(data, tmp_path / "unigram.bin"), 0)
 
 
 # ---- models with other settings, made from llama2en's and a unigram one ----
