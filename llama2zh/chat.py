@@ -74,31 +74,41 @@ def check_messages(messages) -> list[dict]:
     return messages
 
 
-def render(sp, messages: list[dict], add_generation_prompt: bool | None = None,
-           bos: bool = True) -> tuple[list[int], list[bool]]:
-    """The ids of a conversation, and per id whether it is trained on in sft: the assistant's
-    content and its <|im_end|>. add_generation_prompt (default: when the last message is not
-    the assistant's) appends <|im_start|>assistant\\n."""
+def message_pieces(sp, messages: list[dict], bos: bool = True) -> list[tuple[list[int], list[bool]]]:
+    """Per message, its ids (BOS before the first when bos) and per id whether sft trains on it:
+    the assistant's content and its <|im_end|>. A conversation is their concatenation."""
     im_start, im_end = require_chat_ids(sp)
     check_messages(messages)
+    newline, header = sp.encode("\n"), sp.encode("assistant\n")
+    pieces = []
+    for i, m in enumerate(messages):
+        text = sp.encode(f"{m['role']}\n{m['content']}")
+        start = [sp.bos_id()] if bos and i == 0 else []
+        ids = [*start, im_start, *text, im_end, *newline]
+        if m["role"] == "assistant":  # the reply starts where its encoding departs from the header's
+            reply = next((k for k, (a, b) in enumerate(zip(text, header, strict=False)) if a != b),
+                         min(len(text), len(header)))
+            trained = [False] * (len(start) + 1 + reply) + [True] * (len(text) - reply + 1) + [False] * len(newline)
+        else:
+            trained = [False] * len(ids)
+        pieces.append((ids, trained))
+    return pieces
+
+
+def render(sp, messages: list[dict], add_generation_prompt: bool | None = None,
+           bos: bool = True) -> tuple[list[int], list[bool]]:
+    """The ids of a conversation, and per id whether it is trained on in sft (message_pieces).
+    add_generation_prompt (default: when the last message is not the assistant's) appends
+    <|im_start|>assistant\\n."""
     if add_generation_prompt is None:
         add_generation_prompt = not messages or messages[-1]["role"] != "assistant"
-    newline = sp.encode("\n")
-    header = sp.encode("assistant\n")
-    ids, trained = ([sp.bos_id()], [False]) if bos else ([], [])
-    for m in messages:
-        text = sp.encode(f"{m['role']}\n{m['content']}")
-        ids += [im_start, *text, im_end, *newline]
-        if m["role"] == "assistant":  # the reply starts where its encoding departs from the header's
-            reply = next((i for i, (a, b) in enumerate(zip(text, header, strict=False)) if a != b),
-                         min(len(text), len(header)))
-            trained += [False] * (1 + reply) + [True] * (len(text) - reply + 1) + [False] * len(newline)
-        else:
-            trained += [False] * (len(text) + 2 + len(newline))
+    pieces = message_pieces(sp, messages, bos)
+    if bos and not messages:
+        pieces.append(([sp.bos_id()], [False]))
     if add_generation_prompt:
-        ids += [im_start, *header]
-        trained += [False] * (1 + len(header))
-    return ids, trained
+        prompt = [require_chat_ids(sp)[0], *sp.encode("assistant\n")]
+        pieces.append((prompt, [False] * len(prompt)))
+    return [i for ids, _ in pieces for i in ids], [t for _, trained in pieces for t in trained]
 
 
 def render_ids(sp, messages: list[dict], add_generation_prompt: bool | None = None, bos: bool = True) -> list[int]:

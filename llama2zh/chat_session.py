@@ -27,7 +27,7 @@ class ChatSession:
     def __init__(self, model: Transformer, sp, system: str | None = None, temperature: float = 0.0,
                  top_p: float = 0.9, seed: int = 1234, max_reply: int = 256):
         self.model, self.sp = model, sp
-        self.im_start, self.im_end = require_chat_ids(sp, "tokenizer.model")
+        self.im_end = require_chat_ids(sp, "tokenizer.model")[1]
         self.system, self.temperature, self.top_p, self.max_reply = system, temperature, top_p, max_reply
         self.generator = torch.Generator().manual_seed(seed)
         self.cache = KVCache(model.args, batch=1)

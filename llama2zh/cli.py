@@ -243,7 +243,7 @@ def cmd_eval(args, overrides: list[str]) -> int:
     if is_sft_run(state):
         report, text = evaluate_chat(args.run_dir, state, model), format_chat_report
     else:
-        report, text = evaluate(args.run_dir, per_language=args.documents), format_report
+        report, text = evaluate(args.run_dir, args.documents, (model, state)), format_report
     print(json.dumps(report, ensure_ascii=False) if args.json else text(report))
     return 0
 

@@ -81,10 +81,11 @@ def unigram_entropy(shards: TokenShards) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def evaluate(run_dir: Path, per_language: int = 200) -> dict:
-    if not (run_dir / "ckpt.pt").exists():
+def evaluate(run_dir: Path, per_language: int = 200, checkpoint: tuple | None = None) -> dict:
+    """checkpoint: ckpt.pt's (model, state) when the caller has loaded it already."""
+    if checkpoint is None and not (run_dir / "ckpt.pt").exists():
         raise UserError(f"{run_dir}: no ckpt.pt (train first)")
-    model, state = load_checkpoint(run_dir / "ckpt.pt")
+    model, state = checkpoint or load_checkpoint(run_dir / "ckpt.pt")
     config = Config(**state["config"])
     shards = TokenShards(Path(config.dataset) / Path(config.tokenizer).name)
     sp, _ = load_sentencepiece(run_dir / "tokenizer.model")

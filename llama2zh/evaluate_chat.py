@@ -101,13 +101,6 @@ def generation_checks(model, sp, prompts: list[dict]) -> dict:
         {f"{name}_asked": asked for name, (_, asked) in tally.items()} | {"prompts_too_long": too_long}
 
 
-def with_chat_pieces(model, tokenizer_model: Path, chat_tokenizer: Path):
-    """model able to read chat_tokenizer's ids: extended by the pieces its own tokenizer lacks."""
-    sp = spm.SentencePieceProcessor(model_file=str(tokenizer_model))
-    missing = spm.SentencePieceProcessor(model_file=str(chat_tokenizer)).vocab_size() - sp.vocab_size()
-    return model.extended(missing) if missing else model
-
-
 def evaluate_chat(run_dir: Path, state: dict, model) -> dict:
     config = Config(**state["config"])
     tokenizer_model = run_dir / "tokenizer.model"
@@ -120,8 +113,8 @@ def evaluate_chat(run_dir: Path, state: dict, model) -> dict:
     base_run = Path(state["run_info"]["base_run"])
     if (base_run / "ckpt.pt").exists():
         base, _ = load_checkpoint(base_run / "ckpt.pt")
-        subjects["base"] = with_chat_pieces(base, base_run / "tokenizer.model", tokenizer_model).extended(
-            max_seq_len=config.max_seq_len)
+        # the chat tokenizer is the base's plus the pieces sft appended: the base gets their rows
+        subjects["base"] = base.extended(sp.vocab_size() - base.args.vocab_size, config.max_seq_len)
         report["base_run"] = str(base_run)
     for name, subject in subjects.items():
         subject.eval()

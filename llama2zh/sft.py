@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llama2zh.chat import CHAT_PIECES, TEMPLATE, add_chat_pieces, render
+from llama2zh.chat import CHAT_PIECES, TEMPLATE, add_chat_pieces, message_pieces
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.config import Config
 from llama2zh.corpus.conversations import Malformed, ReadReport, read_conversations
@@ -91,8 +91,7 @@ def tokenize_split(sp, files: list[Path], out_dir: Path, split: str, limit: int,
     for path in files:
         for messages in tqdm(read_conversations(path, report, strict), desc=f"sft data {path.name}",
                              unit=" conv", leave=False):
-            pieces = [render(sp, [m], add_generation_prompt=False, bos=i == 0) for i, m in enumerate(messages)]
-            ids, trained, how = fit_turns(pieces, limit)
+            ids, trained, how = fit_turns(message_pieces(sp, messages), limit)
             counts[how] += 1
             if ids:
                 ids_chunks.append(np.asarray(ids, dtype=dtype))
@@ -178,9 +177,13 @@ class ConversationShards:
         ids, _, rows = self.splits[split]
         return 1 - ids.size / max(1, len(rows) * self.capacity)
 
+    def _split(self, split: str):
+        """(ids, mask, packed rows) of a split, or of the train split when it has none."""
+        return self.splits[split] if self.splits[split][2] else self.splits["train"]
+
     def rows(self, split: str, which: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Packed rows of a split (the train split when it has none) as (inputs, targets, segments)."""
-        ids, mask, packed = self.splits[split] if self.splits[split][2] else self.splits["train"]
+        ids, mask, packed = self._split(split)
         tokens = np.full((len(which), self.capacity), PAD, dtype=np.int64)
         trained = np.zeros((len(which), self.capacity), dtype=bool)
         segments = np.full((len(which), self.capacity), -1, dtype=np.int64)
@@ -196,7 +199,7 @@ class ConversationShards:
                 torch.from_numpy(segments[:, :-1]).contiguous())
 
     def n_rows(self, split: str) -> int:
-        return len(self.splits[split][2] or self.splits["train"][2])
+        return len(self._split(split)[2])
 
     def batch(self, split: str, rows: int, seq_len: int, generator: torch.Generator,
               rank: int = 0, world: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
