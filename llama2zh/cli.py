@@ -8,9 +8,7 @@ status 1 (2 for bad usage), never a traceback.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 from llama2zh.config import ConfigError, load_config
@@ -31,30 +29,16 @@ class Parser(argparse.ArgumentParser):
 def cmd_init(args, overrides: list[str]) -> int:
     import torch
 
-    from llama2zh.checkpoint import save_checkpoint
-    from llama2zh.export import write_model_bin
-    from llama2zh.fileio import atomic_output, sha256_file
     from llama2zh.model import Transformer
-    from llama2zh.vocab.export import export_tokenizer, load_sentencepiece
+    from llama2zh.rundir import write_run_dir
+    from llama2zh.vocab.export import load_sentencepiece
 
     config = load_config(args.config, overrides)
     tokenizer_model = args.tokenizer / "tokenizer.model" if args.tokenizer.is_dir() else args.tokenizer
     sp, _ = load_sentencepiece(tokenizer_model)
-    run_dir: Path = args.run_dir
-    if (run_dir / "ckpt.pt").exists() and not args.force:
-        raise UserError(f"{run_dir} already holds a checkpoint (use --force to overwrite it)")
-    run_dir.mkdir(parents=True, exist_ok=True)
-
     model = Transformer(config.model_args(sp.vocab_size()))
     model.init_weights(torch.Generator().manual_seed(config.seed))
-    with atomic_output(run_dir / "tokenizer.model") as tmp:
-        shutil.copyfile(tokenizer_model, tmp)
-    export_tokenizer(run_dir / "tokenizer.model", run_dir / "tokenizer.bin")
-    with atomic_output(run_dir / "config.toml") as tmp:
-        tmp.write_text(config.to_toml(), encoding="utf-8")
-    save_checkpoint(run_dir / "ckpt.pt", model, config=asdict(config),
-                    tokenizer_sha256=sha256_file(run_dir / "tokenizer.model"))
-    write_model_bin(model, run_dir / "model.bin", version=1)
+    run_dir = write_run_dir(args.run_dir, model, tokenizer_model, config, force=args.force)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"initialised {run_dir}: {n_params / 1e6:.2f}M parameters, vocab {sp.vocab_size()}, "
           f"ckpt.pt + model.bin (v1) + tokenizer.bin")
