@@ -28,6 +28,15 @@ CHAT_PIECES = (IM_START, IM_END)
 TEMPLATE = "chatml"  # the name tokenizer.bin's trailer records
 ROLES = ("system", "user", "assistant")
 CONTROL = sentencepiece_model_pb2.ModelProto.SentencePiece.CONTROL
+# The same rule as a Jinja chat template (text), for the HF and GGUF exports: their tokenizers cut
+# the text at the two special pieces and encode each stretch alone, as render_ids does.
+JINJA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
 
 
 def chat_piece_ids(sp) -> tuple[int, int] | None:
