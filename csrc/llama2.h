@@ -68,6 +68,11 @@ int l2_tokenizer_eos_id(const L2Tokenizer *t);
 /* 1 and the ids of <|im_start|> and <|im_end|> when tokenizer.bin carries a chat template
  * (trailer version 2), else 0. */
 int l2_tokenizer_chat_ids(const L2Tokenizer *t, int *im_start, int *im_end);
+/* A tokenizer.bin without trailer (llama2.c's own files, llama2.c-zh's) cannot say how text is
+ * normalized, and is read as normalizing nothing. 1 and a one-line note in `note` (size bytes)
+ * when the SentencePiece tokenizer.model at model_path shows a normalizer that this reading
+ * lacks (e.g. baichuan's NFKC); else 0 and "". */
+int l2_tokenizer_normalizer_note(const L2Tokenizer *t, const char *model_path, char *note, size_t size);
 /* Encodes `len` bytes of text as SentencePiece does. Writes at most max_ids
  * ids and returns how many the text encodes to (so a caller whose buffer was
  * too small can retry with a bigger one), or -1 with err set. */

@@ -313,6 +313,17 @@ static int chat(L2Model *model, const L2Tokenizer *tok, L2Sampler *sampler, Prin
     return status;
 }
 
+/* A llama2.c-format tokenizer.bin cannot say how text is normalized: when the tokenizer.model
+ * beside it shows a normalizer, say once that this file encodes without it. */
+static void warn_normalizer(const L2Tokenizer *tok, const char *tokenizer_path) {
+    const char *slash = strrchr(tokenizer_path, '/');
+    int dir_len = slash ? (int)(slash - tokenizer_path + 1) : 0;
+    char model_path[4096], note[8192];
+    if (snprintf(model_path, sizeof model_path, "%.*stokenizer.model", dir_len, tokenizer_path) >= (int)sizeof model_path)
+        return;
+    if (l2_tokenizer_normalizer_note(tok, model_path, note, sizeof note)) fprintf(stderr, "%s\n", note);
+}
+
 int main(int argc, char **argv) {
     if (argc >= 2 && (!strcmp(argv[1], "-h") || !strcmp(argv[1], "--help"))) {
         fputs(HELP, stdout);
@@ -339,6 +350,7 @@ int main(int argc, char **argv) {
         fail(1, "%s", err);
         goto done;
     }
+    warn_normalizer(tok, o.tokenizer_path);
     sampler = l2_sampler_new(cfg->vocab_size, o.temperature, o.topp, o.seed);
     pr.tok = tok;
     pr.buf = malloc(l2_decode_bound(tok));

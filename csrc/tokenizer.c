@@ -98,6 +98,7 @@ struct L2Tokenizer {
     Table rules;
     size_t decode_bound;
     int im_start, im_end; /* the chat template's special ids (trailer v2); -1 without one */
+    int has_trailer;      /* 0: a llama2.c file, which cannot say how text is normalized */
 };
 
 static uint32_t rd32(const unsigned char *p) {
@@ -614,7 +615,8 @@ L2Tokenizer *l2_tokenizer_open(const char *path, int vocab_size, char *err) {
         pos += 8 + (size_t)t->piece_len[i];
     }
     for (int b = 0; b < 256; b++) t->byte_id[b] = -1;
-    if (pos < size) {
+    t->has_trailer = pos < size;
+    if (t->has_trailer) {
         if (!parse_trailer(t, data + pos, size - pos, name, err)) goto fail;
     } else if (!infer_defaults(t, name, err)) {
         goto fail;
@@ -635,6 +637,59 @@ int l2_tokenizer_chat_ids(const L2Tokenizer *t, int *im_start, int *im_end) {
     if (im_start) *im_start = t->im_start;
     if (im_end) *im_end = t->im_end;
     return 1;
+}
+
+/* One protobuf varint at *p (before end), or -1 when it is malformed. */
+static int64_t pb_varint(const unsigned char **p, const unsigned char *end) {
+    uint64_t v = 0;
+    for (int shift = 0; *p < end && shift < 64; shift += 7) {
+        unsigned char c = *(*p)++;
+        v |= (uint64_t)(c & 0x7F) << shift;
+        if (!(c & 0x80)) return v > INT64_MAX ? -1 : (int64_t)v;
+    }
+    return -1;
+}
+
+/* The bytes of length-delimited field `field` in the protobuf message [p, end), or NULL. */
+static const unsigned char *pb_field(const unsigned char *p, const unsigned char *end, int field, size_t *len) {
+    while (p < end) {
+        int64_t key = pb_varint(&p, end), n = 0;
+        if (key < 0) return NULL;
+        switch (key & 7) {
+        case 0: if (pb_varint(&p, end) < 0) return NULL; break;
+        case 1: n = 8; break;
+        case 5: n = 4; break;
+        case 2: if ((n = pb_varint(&p, end)) < 0) return NULL; break;
+        default: return NULL;
+        }
+        if (n > end - p) return NULL;
+        if ((key & 7) == 2 && key >> 3 == field) {
+            *len = (size_t)n;
+            return p;
+        }
+        p += n;
+    }
+    return NULL;
+}
+
+int l2_tokenizer_normalizer_note(const L2Tokenizer *t, const char *model_path, char *note, size_t size) {
+    note[0] = '\0';
+    if (t->has_trailer) return 0;
+    char err[L2_ERR_SIZE];
+    size_t file_size = 0, spec_len = 0, name_len = 0;
+    unsigned char *data = read_file(model_path, &file_size, model_path, err);
+    if (!data) return 0; /* no tokenizer.model to learn from */
+    /* ModelProto field 3 is the normalizer spec; its field 1 is the normalizer's name */
+    const unsigned char *spec = pb_field(data, data + file_size, 3, &spec_len);
+    const unsigned char *name = spec ? pb_field(spec, spec + spec_len, 1, &name_len) : NULL;
+    if (name && name_len > 0 && name_len < 64 && !(name_len == 8 && !memcmp(name, "identity", 8)))
+        snprintf(note, size,
+                 "note: this tokenizer.bin (llama2.c's format, no trailer) cannot carry a normalizer, but %s "
+                 "normalizes with %.*s: text %.*s changes (full-width letters, compatibility forms) is encoded "
+                 "unnormalized here, unlike SentencePiece; `llama2zh vocab export %s` writes a file that carries it",
+                 model_path, (int)name_len, name, (int)name_len, name, model_path);
+    free(data);
+    return note[0] != '\0';
 }
 
 /* ---- encode: normalizer ---- */

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sentencepiece as spm
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -410,3 +411,29 @@ def test_chat_needs_a_tokenizer_with_a_chat_template(run_bin, tiny):
 def test_help(run_bin):
     result = run(run_bin, "-h")
     assert result.stdout.startswith(b"usage:")
+
+
+@pytest.mark.parametrize("name, trailer, noted", [
+    ("baichuan", False, True),  # llama2.c-zh's file: NFKC is in tokenizer.model, not in the .bin
+    ("baichuan", True, False),  # our tokenizer.bin carries the normalizer
+    ("llama2en", False, False),  # identity: nothing is missing
+])
+def test_a_normalizer_a_llama2c_file_cannot_carry_is_noted_once(run_bin, tmp_path, name, trailer, noted):
+    from llama2zh.vocab.export import export_tokenizer
+
+    model = shared_file(f"tokenizers/{name}/tokenizer.model")
+    (tmp_path / "tokenizer.model").write_bytes(model.read_bytes())
+    tok = tmp_path / "tokenizer.bin"
+    if trailer:
+        export_tokenizer(tmp_path / "tokenizer.model", tok)
+    else:
+        tok.write_bytes(shared_file(f"thirdparty/llama2c_zh/{name}.bin").read_bytes())
+    c, w = random_weights()
+    c = dict(c, vocab_size=spm.SentencePieceProcessor(model_file=str(model)).get_piece_size())
+    w["token_embedding"] = np.resize(w["token_embedding"], (c["vocab_size"], c["dim"]))
+    w["wcls"] = np.resize(w["wcls"], (c["vocab_size"], c["dim"]))
+    result = run(run_bin, write_model(tmp_path / "model.bin", c, w), "-k", tok, "-t", "0", "-n", "4", "-i", "ＡＢＣ")
+    notes = [line for line in result.stderr.decode().splitlines() if line.startswith("note:")]
+    assert len(notes) == (1 if noted else 0), result.stderr.decode()
+    if noted:
+        assert "nmt_nfkc" in notes[0] and str(tmp_path / "tokenizer.model") in notes[0]
