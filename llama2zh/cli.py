@@ -8,6 +8,7 @@ status 1 (2 for bad usage), never a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -46,12 +47,18 @@ def cmd_init(args, overrides: list[str]) -> int:
 
 
 def cmd_export(args, overrides: list[str]) -> int:
+    if args.format != "bin":
+        return export_elsewhere(args)
     from llama2zh.checkpoint import load_checkpoint
     from llama2zh.export import default_group_size, divides_inner_dims, read_model_bin, write_model_bin
 
+    args.version = 1 if args.version is None else args.version
     for flag, value in (("--group-size", args.group_size), ("--rounding", args.rounding)):
         if value is not None and args.version != 2:
             raise ConfigError(f"{flag} applies to --version 2 only")
+    for flag, value in (("--dtype", args.dtype), ("--type", args.type)):
+        if value is not None:
+            raise ConfigError(f"{flag} applies to --format {'hf' if flag == '--dtype' else 'gguf'} only")
 
     source: Path = args.source
     if source.is_dir():
@@ -71,6 +78,53 @@ def cmd_export(args, overrides: list[str]) -> int:
     if args.version == 2 and not divides_inner_dims(model.args, group_size):
         print(f"warning: group size {group_size} does not divide dim {model.args.dim} and hidden_dim "
               f"{model.args.hidden_dim}: ./run rejects this file", file=sys.stderr)
+    return 0
+
+
+def export_elsewhere(args) -> int:
+    """--format hf (a transformers directory) or gguf (llama.cpp, with an Ollama Modelfile)."""
+    for flag, value in (("--version", args.version), ("--group-size", args.group_size), ("--rounding", args.rounding)):
+        if value is not None:
+            raise ConfigError(f"{flag} applies to --format bin only")
+    wrong = ("--type", args.type) if args.format == "hf" else ("--dtype", args.dtype)
+    if wrong[1] is not None:
+        raise ConfigError(f"{wrong[0]} applies to --format {'gguf' if args.format == 'hf' else 'hf'} only")
+    run_dir: Path = args.source
+    if not (run_dir / "ckpt.pt").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no ckpt.pt); --format {args.format} exports a run")
+    if args.format == "hf":
+        from llama2zh.interop.hf import export_hf
+
+        out = export_hf(run_dir, args.out or run_dir / "hf", args.dtype or "float32")
+        print(f"wrote {out}: a LlamaForCausalLM directory for transformers ({args.dtype or 'float32'})")
+        return 0
+    from llama2zh.interop.gguf import export_gguf
+
+    qtype = args.type or "f32"
+    out = export_gguf(run_dir, args.out or run_dir / "gguf" / f"model-{qtype}.gguf", qtype)
+    print(f"wrote {out} ({qtype}, {out.stat().st_size:,} bytes) and {out.parent / 'Modelfile'} for Ollama")
+    return 0
+
+
+def cmd_import(args, overrides: list[str]) -> int:
+    """A run directory from a Hugging Face Llama (directory or hub repo id) or a llama2.c model.bin."""
+    source = str(args.source)
+    path = Path(source)
+    if path.is_file():
+        from llama2zh.interop.llama2c import import_llama2c
+
+        if args.tokenizer is None:
+            raise ConfigError(f"importing {source} (a model.bin) needs --tokenizer DIR, the directory of its "
+                              "tokenizer.model")
+        out = import_llama2c(path, args.tokenizer, args.out, args.force)
+    elif path.is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
+        from llama2zh.interop.hf import import_hf
+
+        out = import_hf(path if path.is_dir() else source, args.out, args.tokenizer, args.force)
+    else:
+        raise UserError(f"{source}: no such file or directory, and not a hub repo id (owner/name)")
+    print(f"imported {source} into {out}: ckpt.pt, model.bin, config.toml, tokenizer.model, tokenizer.bin "
+          f"(next: llama2zh verify {out})")
     return 0
 
 
@@ -122,6 +176,18 @@ def cmd_vocab_stats(args, overrides: list[str]) -> int:
 def cmd_download(args, overrides: list[str]) -> int:
     from llama2zh.corpus import download
 
+    if args.list and args.what != "model":
+        raise ConfigError("--list applies to download model only")
+    if args.what == "model":
+        from llama2zh.interop import registry
+
+        if args.list:
+            print(registry.format_registry())
+            return 0
+        if not args.name:
+            raise ConfigError("download model needs a NAME (see llama2zh download model --list)")
+        registry.download_model(args.name, args.dest or Path("models"))
+        return 0
     if args.what == "tokenizer":
         if not args.name:
             raise ConfigError("download tokenizer needs a NAME, e.g. llama2enzh")
@@ -273,9 +339,15 @@ def build_parser() -> Parser:
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint")
     p.set_defaults(func=cmd_init, takes_overrides=True)
 
-    p = commands.add_parser("export", help="write model.bin from a run, or convert a .bin between versions")
+    p = commands.add_parser("export", help="write model.bin from a run, convert a .bin between versions, or "
+                            "export a run for transformers (hf) or llama.cpp and Ollama (gguf)")
     p.add_argument("source", type=Path, metavar="out/RUN|IN.bin")
-    p.add_argument("--version", type=int, choices=EXPORT_VERSIONS, default=1)
+    p.add_argument("--format", choices=("bin", "hf", "gguf"), default="bin",
+                   help="bin: model.bin for ./run (default); hf: a LlamaForCausalLM directory (default "
+                   "out/RUN/hf); gguf: a GGUF file and an Ollama Modelfile beside it (default out/RUN/gguf/)")
+    p.add_argument("--version", type=int, choices=EXPORT_VERSIONS, help="bin: 0, 1 (default) or 2 (int8)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="hf: weight type (default float32)")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0"), help="gguf: tensor type (default f32)")
     p.add_argument("--group-size", type=int, metavar="N",
                    help="v2: values per int8 group (default 64, halved until it divides dim and hidden_dim); "
                    "each group's scale is the one of max|w|/127 (llama2.c's) and up to 1%% smaller that "
@@ -286,15 +358,29 @@ def build_parser() -> Parser:
     p.add_argument("--out", type=Path, help="output file (default out/RUN/model.bin)")
     p.set_defaults(func=cmd_export)
 
+    p = commands.add_parser("import", help="a run directory from a Hugging Face Llama or a llama2.c model.bin",
+                            description="Write out/RUN (ckpt.pt, model.bin, config.toml, tokenizer files) from a "
+                            "LlamaForCausalLM directory, a hub repo id (owner/name; HF_ENDPOINT honoured) or a "
+                            "llama2.c / llama2.c-zh model.bin (v0, v1, v2) with --tokenizer.")
+    p.add_argument("source", metavar="SOURCE", help="a directory, a hub repo id, or a model.bin")
+    p.add_argument("--out", type=Path, required=True, metavar="out/RUN")
+    p.add_argument("--tokenizer", type=Path, metavar="DIR", help="the directory of the model's tokenizer.model "
+                   "(needed for a model.bin; for a Hugging Face model, when it has none)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in out/RUN")
+    p.set_defaults(func=cmd_import)
+
     p = commands.add_parser("verify", help="check that PyTorch and the C engine agree")
     p.add_argument("target", type=Path, metavar="out/RUN|model.bin")
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.model, for a bare model.bin")
     p.set_defaults(func=cmd_verify)
 
     p = commands.add_parser("download", help="the built-in sample corpus, TinyStories (en, zh) or a tokenizer")
-    p.add_argument("what", choices=("sample", "sample-sft", "tinystories", "tinystories-zh", "tokenizer"))
-    p.add_argument("name", nargs="?", help="the tokenizer's name (tokenizers/registry.json)")
-    p.add_argument("--dest", type=Path, help="destination (default data/, tokenizers/ for a tokenizer)")
+    p.add_argument("what", choices=("sample", "sample-sft", "tinystories", "tinystories-zh", "tokenizer", "model"))
+    p.add_argument("name", nargs="?", help="the tokenizer's name (tokenizers/registry.json) or the model's "
+                   "(download model --list)")
+    p.add_argument("--list", action="store_true", help="download model: the published models it knows")
+    p.add_argument("--dest", type=Path, help="destination (default data/; tokenizers/ for a tokenizer, models/ "
+                   "for a model)")
     p.add_argument("--from", dest="from_path", type=Path, help="ingest a copy you already have (archive or folder)")
     p.set_defaults(func=cmd_download)
 
