@@ -111,11 +111,11 @@ def cmd_import(args, overrides: list[str]) -> int:
     source = str(args.source)
     path = Path(source)
     if path.is_file():
-        from llama2zh.interop.llama2c import import_llama2c
-
         if args.tokenizer is None:
             raise ConfigError(f"importing {source} (a model.bin) needs --tokenizer DIR, the directory of its "
                               "tokenizer.model")
+        from llama2zh.interop.llama2c import import_llama2c
+
         out = import_llama2c(path, args.tokenizer, args.out, args.force)
     elif path.is_dir() or re.fullmatch(r"[\w.-]+/[\w.-]+", source):
         from llama2zh.interop.hf import import_hf
@@ -179,13 +179,13 @@ def cmd_download(args, overrides: list[str]) -> int:
     if args.list and args.what != "model":
         raise ConfigError("--list applies to download model only")
     if args.what == "model":
+        if not (args.name or args.list):
+            raise ConfigError("download model needs a NAME (see llama2zh download model --list)")
         from llama2zh.interop import registry
 
         if args.list:
             print(registry.format_registry())
             return 0
-        if not args.name:
-            raise ConfigError("download model needs a NAME (see llama2zh download model --list)")
         registry.download_model(args.name, args.dest or Path("models"))
         return 0
     if args.what == "tokenizer":

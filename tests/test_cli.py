@@ -83,12 +83,25 @@ def test_export_run_directory_to_v0_and_back(tmp_path, run_dir):
     (["init", "out/x", "--config", "configs/stories15M_llama2en.toml", "--tokenizer", "/nonexistent"], 1,
      "/nonexistent"),
     (["vocab", "export", "/nonexistent/tokenizer.model"], 1, "/nonexistent/tokenizer.model"),
+    (["export", "out/x", "--format", "hf", "--version", "2"], 2, "--version applies to --format bin only"),
+    (["export", "out/x", "--format", "gguf", "--dtype", "float16"], 2, "--dtype applies to --format hf only"),
+    (["export", "out/x", "--type", "q8_0"], 2, "--type applies to --format gguf only"),
+    (["export", "/nonexistent/run", "--format", "gguf"], 1, "not a run directory"),
+    (["import", "/nonexistent/model.bin", "--out", "out/x"], 1, "not a hub repo id"),
+    (["import", "owner/name"], 2, "required: --out"),
+    (["download", "model"], 2, "needs a NAME"),
+    (["download", "sample", "--list"], 2, "--list applies to download model only"),
 ])
 def test_bad_usage_is_one_line(tmp_path, args, status, message):
     result = llama2zh(*args, cwd=tmp_path if args[0] != "init" else ROOT)
     assert result.returncode == status, result.stderr
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_import_of_a_model_bin_needs_its_tokenizer(run_dir):
+    result = llama2zh("import", run_dir / "model.bin", "--out", run_dir.parent / "imported")
+    assert result.returncode == 2 and "needs --tokenizer DIR" in result.stderr
 
 
 def test_verify_bare_bin_without_tokenizer_is_an_error(run_dir):
