@@ -186,7 +186,9 @@ def cmd_download(args, overrides: list[str]) -> int:
         if args.list:
             print(registry.format_registry())
             return 0
-        registry.download_model(args.name, args.dest or Path("models"))
+        if args.from_path:
+            raise ConfigError("--from applies to datasets and tokenizers, not to download model")
+        registry.download_model(args.name, args.dest or registry.DEFAULT_DEST)
         return 0
     if args.what == "tokenizer":
         if not args.name:

@@ -44,9 +44,11 @@ def tokenizer_registry() -> dict[str, Source]:
     return {name: Source(e["repo"], e["file"], "model", e["sha256"]) for name, e in entries.items()}
 
 
-def fetch(source: Source, cache: Path) -> tuple[Path, str | None]:
+def fetch(source: Source, cache: Path, hint: str = ", or pass --from PATH with a copy you already have"
+          ) -> tuple[Path, str | None]:
     """The file from the hub (HF_ENDPOINT, HF_HUB_OFFLINE honoured), resumed if interrupted,
-    and the sha256 it should have: the registry's, else the hub's (an LFS file's etag)."""
+    and the sha256 it should have: the registry's, else the hub's (an LFS file's etag).
+    hint: what else the user can do, ending the error line."""
     import huggingface_hub
     from huggingface_hub import constants
     from huggingface_hub.utils import logging as hub_logging
@@ -61,7 +63,7 @@ def fetch(source: Source, cache: Path) -> tuple[Path, str | None]:
         where = "offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else constants.ENDPOINT
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"cannot download {source.repo}/{source.file} from {where}: {reason}. "
-                        f"Set HF_ENDPOINT to a mirror, or pass --from PATH with a copy you already have") from None
+                        f"Set HF_ENDPOINT to a mirror{hint}") from None
     hub_sha = etag if etag and re.fullmatch(r"[0-9a-f]{64}", etag) else None
     return Path(path), source.sha256 or hub_sha
 
