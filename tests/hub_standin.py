@@ -3,12 +3,15 @@
 Serves files from a dict at /{repo}/resolve/{rev}/{file} (models) and
 /datasets/{repo}/resolve/{rev}/{file}, with the headers the client reads (X-Repo-Commit, an
 LFS sha256 as X-Linked-Etag, sizes) and Range requests, so interrupted downloads resume.
+The two API endpoints snapshot_download asks first are served too: /api/models/{repo}/revision/{rev}
+(the commit and file list) and /api/models/{repo}/tree/{rev} (each file with its size and LFS sha256).
 `cut_after` makes the first GET of a file stop after that many bytes, as a dropped connection.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -72,9 +75,35 @@ class _Handler(BaseHTTPRequestHandler):
             return
         self._headers(content, 200, len(content))
 
+    def _api(self) -> bool:
+        """Answers /api/{models,datasets}/{repo}/(revision|tree)/{rev}; False for any other path."""
+        match = re.fullmatch(r"/api/(models|datasets)/([^/]+/[^/]+)/(revision|tree)/[^/]+", self.path.split("?")[0])
+        if not match:
+            return False
+        prefix = f"{'datasets/' if match.group(1) == 'datasets' else ''}{match.group(2)}/"
+        files = {key[len(prefix):]: content for key, content in self.hub.files.items() if key.startswith(prefix)}
+        if not files:
+            self.send_error(404)
+            return True
+        if match.group(3) == "revision":
+            answer = {"id": match.group(2), "sha": COMMIT, "siblings": [{"rfilename": name} for name in files]}
+        else:
+            answer = [{"type": "file", "path": name, "size": len(content), "oid": hashlib.sha1(content).hexdigest(),
+                       "lfs": {"oid": hashlib.sha256(content).hexdigest(), "size": len(content), "pointerSize": 134}}
+                      for name, content in files.items()]
+        body = json.dumps(answer).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        return True
+
     def do_GET(self):
         range_header = self.headers.get("Range")
         self.hub.requests.append(("GET", self.path, range_header))
+        if self._api():
+            return
         key, content = self._lookup()
         if content is None:
             self.send_error(404)
