@@ -47,7 +47,8 @@ static int omp_get_max_threads(void) { return 1; }
 _Static_assert(KEY_BLOCK % SOFTMAX_STEP == 0, "a score row's room is a multiple of SOFTMAX_STEP");
 
 /* A weight matrix of d rows by n: float32, or int8 with a float32 scale per group of gs
- * consecutive values (version 2; gs divides n, so a group never straddles two rows). */
+ * consecutive values (version 2, when gs divides n; the others, whose groups straddle rows,
+ * are dequantized at load: see load_int8_weights). */
 typedef struct {
     const float *f; /* (d, n), or NULL when int8 */
     Q8Mat q8;       /* when int8 */
@@ -99,6 +100,7 @@ struct L2Model {
     int n_threads;
     Mat *mats;      /* the storage of w.layer */
     float *scales;  /* aligned copies of the scales, when the file leaves them unaligned */
+    float *dequantized; /* the int8 matrices whose groups straddle rows, in float32 */
     void *packed;   /* int8 weights in the kernels' own layout, when they have one */
     void *map;
     size_t map_size;
@@ -185,14 +187,22 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
                 cfg->dim, cfg->n_heads);
         return -1;
     }
-    /* activations are quantized in the weights' groups, so a group must not straddle two
-     * rows (llama2.c's export can write such files; its runq then drops part of each row) */
-    if (cfg->version == 2 && (cfg->group_size <= 0 || cfg->dim % cfg->group_size ||
-                              cfg->hidden_dim % cfg->group_size)) {
-        set_err(err, "%s: group size %d must divide both dim %d and hidden_dim %d "
-                "(re-export with a group size that does)", path, cfg->group_size, cfg->dim,
-                cfg->hidden_dim);
-        return -1;
+    /* each matrix is a whole number of groups (llama2.c's export checks the same); a group
+     * may straddle two rows */
+    if (cfg->version == 2) {
+        long long gs = cfg->group_size, kv_dim = v[0] / v[3] * v[4];
+        long long sizes[4] = {v[5] * v[0], v[0] * v[0], kv_dim * v[0], v[1] * v[0]};
+        if (gs <= 0) {
+            set_err(err, "%s: group size %lld must be positive", path, gs);
+            return -1;
+        }
+        for (int i = 0; i < 4; i++) {
+            if (sizes[i] % gs) {
+                set_err(err, "%s: group size %lld does not divide a weight matrix of %lld values "
+                        "(dim %d, hidden_dim %d)", path, gs, sizes[i], cfg->dim, cfg->hidden_dim);
+                return -1;
+            }
+        }
     }
     return header;
 }
@@ -287,28 +297,49 @@ static int check_q8(Mat *m, int gs, float **spare, const char *path, char *err) 
     return 1;
 }
 
-static int check_int8_weights(L2Model *m, const char *path, char *err) {
-    const L2Config *c = &m->cfg;
-    size_t n_mats = (size_t)c->n_layers * N_KINDS;
-    float *spare = NULL;
-    if (c->group_size % 4) {
-        uint64_t n_scales = 2 * (uint64_t)c->vocab_size * c->dim / c->group_size;
-        for (size_t i = 0; i < n_mats; i++)
-            n_scales += (uint64_t)m->mats[i].d * m->mats[i].n / c->group_size;
-        m->scales = malloc(n_scales * sizeof(float));
-        if (!m->scales) {
-            set_err(err, "%s: out of memory for the scales", path);
-            return 0;
-        }
-        spare = m->scales;
+/* The model's int8 matrices, i < n_int8(m): the layers', the embedding, then the classifier
+ * unless it is the embedding. */
+static size_t n_int8(const L2Model *m) {
+    return (size_t)m->cfg.n_layers * N_KINDS + 2 - m->cfg.shared_classifier;
+}
+
+static Mat *int8_mat(L2Model *m, size_t i) {
+    size_t n_layer_mats = (size_t)m->cfg.n_layers * N_KINDS;
+    return i < n_layer_mats ? &m->mats[i] : i == n_layer_mats ? &m->w.token_embedding : &m->w.wcls;
+}
+
+/* Checks the int8 matrices (check_q8). llama2.c's export groups each matrix flattened, so a
+ * group size that does not divide a matrix's rows (its w2's 172 values in groups of 64)
+ * makes groups straddle rows. Activations are quantized per row, in the weights' groups,
+ * so the int8 kernels cannot run such a matrix: it is dequantized to float32 here, the
+ * values every reader gets (q * s, as export.read_model_bin), and runs as a version 1
+ * matrix does: exact, at 4 times the int8 size. */
+static int load_int8_weights(L2Model *m, const char *path, char *err) {
+    int gs = m->cfg.group_size;
+    uint64_t n_scales = 0, n_float = 0;
+    for (size_t i = 0; i < n_int8(m); i++) {
+        const Mat *w = int8_mat(m, i);
+        n_scales += (uint64_t)w->d * w->n / gs;
+        if (w->n % gs) n_float += (uint64_t)w->d * w->n;
     }
-    for (size_t i = 0; i < n_mats; i++)
-        if (!check_q8(&m->mats[i], c->group_size, &spare, path, err)) return 0;
-    if (!check_q8(&m->w.token_embedding, c->group_size, &spare, path, err)) return 0;
-    if (c->shared_classifier)
-        m->w.wcls = m->w.token_embedding;
-    else if (!check_q8(&m->w.wcls, c->group_size, &spare, path, err))
+    float *spare = NULL, *f = NULL;
+    if (gs % 4) spare = m->scales = malloc(n_scales * sizeof(float));
+    if (n_float) f = m->dequantized = malloc(n_float * sizeof(float));
+    if ((gs % 4 && !spare) || (n_float && !f)) {
+        set_err(err, "%s: out of memory for the int8 weights", path);
         return 0;
+    }
+    for (size_t i = 0; i < n_int8(m); i++) {
+        Mat *w = int8_mat(m, i);
+        if (!check_q8(w, gs, &spare, path, err)) return 0;
+        if (w->n % gs == 0) continue;
+        uint64_t count = (uint64_t)w->d * w->n;
+        for (uint64_t j = 0; j < count; j++) f[j] = w->q8.q[j] * w->q8.s[j / gs];
+        w->f = f;
+        w->q8 = (Q8Mat){0};
+        f += count;
+    }
+    if (m->cfg.shared_classifier) m->w.wcls = m->w.token_embedding;
     return 1;
 }
 
@@ -322,10 +353,12 @@ static int pack_weights(L2Model *m, const char *path, char *err) {
     size_t n_mats = (size_t)m->cfg.n_layers * N_KINDS, total = 0;
     for (size_t i = 0; i <= n_mats; i++) { /* the layers' and the classifier */
         const Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
+        if (w->f) continue; /* dequantized */
         size_t size = k->packed_size(w->d, w->n, gs);
         if (!size) return 1; /* not for this group size: the kernels read the file's layout */
         total += size;
     }
+    if (!total) return 1; /* every matrix dequantized */
     if (posix_memalign(&m->packed, (size_t)1 << 21, total)) {
         m->packed = NULL;
         set_err(err, "%s: out of memory for the int8 weights", path);
@@ -335,13 +368,14 @@ static int pack_weights(L2Model *m, const char *path, char *err) {
     char *at = m->packed;
     for (size_t i = 0; i <= n_mats; i++) {
         Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
+        if (w->f) continue;
         w->q8.packed = at;
         at += k->packed_size(w->d, w->n, gs);
     }
 #pragma omp parallel for schedule(dynamic) num_threads(m->n_threads)
     for (size_t i = 0; i <= n_mats; i++) {
         Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
-        k->pack_q8((void *)w->q8.packed, &w->q8, w->d, w->n, gs);
+        if (!w->f) k->pack_q8((void *)w->q8.packed, &w->q8, w->d, w->n, gs);
     }
     return 1;
 }
@@ -398,8 +432,8 @@ static int alloc_thread_buffers(RunState *s, const L2Config *c, int n_threads) {
         ThreadBuffers *b = &mine[i];
         b->xn = malloc(B * c->dim * sizeof(float));
         ok = b->xn != NULL;
-        if (ok && c->version == 2) {
-            size_t groups = n / c->group_size;
+        size_t groups = c->version == 2 ? n / c->group_size : 0; /* 0: no input is quantized */
+        if (ok && groups) {
             b->xq.q = malloc(B * n);
             b->xq.s = malloc(B * groups * sizeof(float));
             b->xq.sum = malloc(B * groups * sizeof(int32_t));
@@ -523,7 +557,7 @@ L2Model *l2_model_open(const char *path, char *err) {
     map_weights(&m->w, &m->cfg, (const unsigned char *)map + header);
     /* the weights are streamed front to back on every token */
     madvise(map, size, MADV_WILLNEED);
-    if (m->cfg.version == 2 && !check_int8_weights(m, path, err)) goto fail;
+    if (m->cfg.version == 2 && !load_int8_weights(m, path, err)) goto fail;
     const char *kernel = getenv("LLAMA2ZH_KERNEL"); /* lets tests force each kernel set */
     m->kernels = kernels_select(kernel && *kernel ? kernel : NULL, err);
     if (!m->kernels) goto fail;
@@ -543,6 +577,7 @@ void l2_model_close(L2Model *m) {
     free_state(&m->s);
     free(m->mats);
     free(m->scales);
+    free(m->dequantized);
     free(m->packed);
     munmap(m->map, m->map_size);
     free(m);
@@ -714,7 +749,7 @@ static Input prepare(const L2Model *m, const float *src, const float *weight, Sh
         rmsnorm(b->xn + (size_t)(a - t0) * n, src + (size_t)a * n, weight, n, z - a);
         in.x = b->xn;
     }
-    if (m->cfg.version == 2) {
+    if (m->cfg.version == 2 && n % gs == 0) { /* else its matrices were dequantized */
         for (int t = a - t0; t < z - t0; t++)
             m->kernels->quantize(b->xq.q + (size_t)t * n, b->xq.s + (size_t)t * (n / gs),
                                  b->xq.sum + (size_t)t * (n / gs), in.x + (size_t)t * n, n, gs);

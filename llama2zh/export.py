@@ -10,10 +10,13 @@ v2: the v1 header with version 2 and, right after the shared_classifier byte (of
     unaligned, as llama2.c packs it), int32 group_size; then the norms in float32, then each
     weight matrix (embedding, each kind of layer matrix for all layers, the classifier when
     unshared) as int8 values followed by their float32 scales, one per group of group_size
-    consecutive values: Q8_0, symmetric. llama2.c's export.py (version2_export) takes
-    scale = max|w| / 127; ours by default takes, per group, whichever of that scale and a few
-    slightly smaller ones gives the least squared error (rounding "mse"; "llama2c" writes
-    llama2.c's bytes). Same layout either way.
+    consecutive values of the flattened matrix: Q8_0, symmetric. llama2.c's export.py
+    (version2_export) takes scale = max|w| / 127; ours by default takes, per group, whichever
+    of that scale and a few slightly smaller ones gives the least squared error (rounding
+    "mse"; "llama2c" writes llama2.c's bytes). Same layout either way. A group size that
+    divides each matrix's size but not its rows (llama2.c's export picks 64 for stories260K,
+    whose hidden_dim is 172) makes groups straddle rows: readers take the groups over the
+    flattened matrix, and ./run dequantizes such matrices at load (see default_group_size).
 
 Each writer has a reader, so a .bin loads back into the PyTorch model; write -> read ->
 write gives the same bytes (for v2 too: the reader dequantizes, and re-quantizing gives back
@@ -99,8 +102,10 @@ def _v1_tensors(model: Transformer) -> list[torch.Tensor]:
 def default_group_size(args: ModelArgs) -> int:
     """64, halved until it divides dim and hidden_dim, the inner dimension of every matrix.
 
-    llama2.c's export halves only until it divides dim; the C engine quantizes activations in
-    the same groups, so it needs both (llama2.c's runq silently drops the rest of a row).
+    llama2.c's export halves only until it divides dim. The C engine quantizes activations in
+    the weights' groups, row by row, so a matrix whose groups straddle rows runs in float32
+    (dequantized at load: 4 times its int8 size); llama2.c's runq misreads it (it drops the
+    end of each row). Dividing both keeps every matrix int8.
     """
     group_size = DEFAULT_GROUP_SIZE
     while args.dim % group_size or args.hidden_dim % group_size:
@@ -109,7 +114,8 @@ def default_group_size(args: ModelArgs) -> int:
 
 
 def divides_inner_dims(args: ModelArgs, group_size: int) -> bool:
-    """Whether the C engine can run a v2 file of this group size."""
+    """Whether every matrix of a v2 file of this group size runs int8 in the C engine (see
+    default_group_size)."""
     return args.dim % group_size == 0 and args.hidden_dim % group_size == 0
 
 
@@ -166,6 +172,8 @@ def _round_q80(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def dequantize_q80(values: np.ndarray, scales: np.ndarray, group_size: int) -> torch.Tensor:
+    """The flat float32 values * scales of a matrix in groups of its flattened values (so a
+    group may straddle rows, as llama2.c's export writes them)."""
     grouped = values.astype(np.float32).reshape(-1, group_size) * scales[:, None]
     return torch.from_numpy(grouped.reshape(-1))
 
@@ -192,7 +200,8 @@ def write_model_bin(model: Transformer, path: str | Path, version: int = 1, grou
     """Writes model as a llama2.c model.bin of the given version.
 
     group_size (v2 only): None picks default_group_size; another value must divide every
-    weight's size (llama2.c's rule), and the C engine also needs it to divide dim and hidden_dim.
+    weight's size (llama2.c's rule); where it does not divide dim and hidden_dim, the C engine
+    runs the matrices whose groups straddle rows in float32.
     rounding (v2 only): how quantize_q80 picks the scales; "llama2c" gives llama2.c's bytes.
     """
     if version == 2:
