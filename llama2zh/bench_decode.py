@@ -148,7 +148,7 @@ def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: 
     for threads in threads_list:
         decode_runs = [[c_decode(path, tokenizer, kernel, threads) for _, path, kernel in variants]
                        for _ in range(rounds + 1)][1:]  # the first round warms the files
-        for (label, path, kernel), decode in zip(variants, map(max, zip(*decode_runs))):
+        for (label, path, kernel), decode in zip(variants, map(max, zip(*decode_runs, strict=True)), strict=True):
             prefill, used = c_prefill(path, kernel, threads)
             label = label if kernel else f"{label} {used}"
             rows.append(Row(name, vocab, label, path.stat().st_size / 1e6, threads, decode, prefill))
@@ -174,7 +174,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
     parser.add_argument("--vocabs", nargs="+", type=int, default=list(VOCABS))
     parser.add_argument("--threads", nargs="+", type=int, default=list(THREADS))
-    parser.add_argument("--repeats", type=float, default=1.0, help="scales the number of timed runs (the C rounds and each shape's PyTorch repeats)")
+    parser.add_argument("--repeats", type=float, default=1.0,
+                        help="scales the number of timed runs (the C rounds and each shape's PyTorch repeats)")
     args = parser.parse_args()
     work = ROOT / "build" / "bench"
     work.mkdir(parents=True, exist_ok=True)

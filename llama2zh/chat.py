@@ -47,6 +47,16 @@ def chat_piece_ids(sp) -> tuple[int, int] | None:
     return None
 
 
+def run_chat_ids(sp, checkpoint: dict) -> tuple[int, int] | None:
+    """The chat ids of a run that talks in turns: its tokenizer has the chat pieces and its model
+    was tuned past pretraining (vocab train reserves the pieces in every tokenizer it makes, so
+    a pretrained story model has them too, but has never seen a turn). Exports give such runs
+    the chat template."""
+    if checkpoint.get("run_info", {}).get("stage") in ("init", "pretrain"):
+        return None
+    return chat_piece_ids(sp)
+
+
 def require_chat_ids(sp, what: str = "the tokenizer") -> tuple[int, int]:
     ids = chat_piece_ids(sp)
     if ids is None:

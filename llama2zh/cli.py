@@ -39,7 +39,7 @@ def cmd_init(args, overrides: list[str]) -> int:
     sp, _ = load_sentencepiece(tokenizer_model)
     model = Transformer(config.model_args(sp.vocab_size()))
     model.init_weights(torch.Generator().manual_seed(config.seed))
-    run_dir = write_run_dir(args.run_dir, model, tokenizer_model, config, force=args.force)
+    run_dir = write_run_dir(args.run_dir, model, tokenizer_model, config, {"stage": "init"}, force=args.force)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"initialised {run_dir}: {n_params / 1e6:.2f}M parameters, vocab {sp.vocab_size()}, "
           f"ckpt.pt + model.bin (v1) + tokenizer.bin")

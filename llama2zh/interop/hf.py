@@ -191,17 +191,17 @@ def _replace(pattern: dict, content: str) -> dict:
     return {"type": "Replace", "pattern": pattern, "content": content}
 
 
-def tokenizer_files(sp, proto, max_seq_len: int) -> dict[str, dict]:
+def tokenizer_files(sp, proto, max_seq_len: int, chat_run: bool) -> dict[str, dict]:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json (and the chat template for a chat run)."""
     from llama2zh.chat import CHAT_PIECES, JINJA_TEMPLATE, chat_piece_ids
 
     special = {name: sp.id_to_piece(i) for name, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
                                                        ("unk_token", sp.unk_id())) if i >= 0}
-    chat = chat_piece_ids(sp) is not None
-    special_map = {**special, **({"additional_special_tokens": list(CHAT_PIECES)} if chat else {})}
+    pieces = chat_piece_ids(sp) is not None
+    special_map = {**special, **({"additional_special_tokens": list(CHAT_PIECES)} if pieces else {})}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", **special_map, "add_bos_token": sp.bos_id() >= 0,
               "add_eos_token": False, "clean_up_tokenization_spaces": False,
-              "model_max_length": max_seq_len, **({"chat_template": JINJA_TEMPLATE} if chat else {})}
+              "model_max_length": max_seq_len, **({"chat_template": JINJA_TEMPLATE} if chat_run else {})}
     return {"tokenizer.json": tokenizer_json(proto), "tokenizer_config.json": config,
             "special_tokens_map.json": special_map}
 
@@ -210,24 +210,24 @@ def export_hf(run_dir: Path, out_dir: Path, dtype: str = "float32") -> Path:
     """out_dir: a LlamaForCausalLM directory of the run's checkpoint and tokenizer, written whole or not at all."""
     from safetensors.torch import save_file
 
-    from llama2zh.chat import chat_piece_ids
+    from llama2zh.chat import run_chat_ids
 
     if dtype not in DTYPES:
         raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if (out_dir / "ckpt.pt").exists():  # the export replaces out_dir whole
         raise UserError(f"{out_dir} holds a run's checkpoint: give the export another directory")
-    model, _ = load_checkpoint(run_dir / "ckpt.pt")
+    model, state = load_checkpoint(run_dir / "ckpt.pt")
     sp, proto = load_sentencepiece(run_dir / "tokenizer.model")
     args = model.args
     if sp.vocab_size() != args.vocab_size:
         raise UserError(f"{run_dir / 'tokenizer.model'}: {sp.vocab_size()} pieces, the checkpoint has vocab_size "
                         f"{args.vocab_size}")
-    chat = chat_piece_ids(sp)
+    chat = run_chat_ids(sp, state)
     eos = [i for i in (sp.eos_id(), chat[1] if chat else -1) if i >= 0]  # a chat reply ends at <|im_end|>
     generation = {"bos_token_id": _id(sp.bos_id()), "eos_token_id": eos[0] if len(eos) == 1 else eos}
     files = {"config.json": hf_config(args, sp, dtype), "generation_config.json": generation,
-             **tokenizer_files(sp, proto, args.max_seq_len)}
+             **tokenizer_files(sp, proto, args.max_seq_len, chat is not None)}
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
