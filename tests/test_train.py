@@ -148,3 +148,18 @@ def test_evaluation_reports_bits_per_character_per_language(data):
     assert report["unigram_entropy"] > 0
     for name in ("model.bin", "tokenizer.bin", "tokenizer.model", "config.toml", "metrics.jsonl", "best.pt"):
         assert (run / name).exists(), name
+
+
+def test_an_imported_run_continues_pretraining_and_evaluates(data, tmp_path):
+    """export --format hf, then import: train (init_from), eval and export take the imported run."""
+    pytest.importorskip("safetensors")
+    from llama2zh.interop.hf import export_hf, import_hf
+
+    base = train(config(data, "to-import", max_iters=4, eval_interval=4))
+    imported = import_hf(export_hf(base, tmp_path / "hf"), tmp_path / "imported")
+    continued = train(config(data, "continued", max_iters=4, eval_interval=4, init_from=str(imported)))
+    state = load_checkpoint(continued / "ckpt.pt")[1]
+    assert state["run_info"]["base_run"] == str(imported) and state["step"] == 4
+    assert losses(continued)[1] < losses(base)[1]  # it starts from the trained weights, not from scratch
+    report = evaluate(continued)
+    assert report["step"] == 4 and report["en"]["tokens"] > 0 and report["zh"]["tokens"] > 0
