@@ -53,7 +53,10 @@ def llama_hidden_dim(dim: int, multiple_of: int = 32) -> int:
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def rope_tables(head_dim: int, seq_len: int, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+ROPE_THETA = 10000.0  # llama2.c's, fixed in csrc/model.c too: model.bin does not carry it
+
+
+def rope_tables(head_dim: int, seq_len: int, theta: float = ROPE_THETA) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * frequency, shape (seq_len, head_dim // 2)."""
     freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), freqs)

@@ -28,6 +28,7 @@ from llama2zh import chat
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output
+from llama2zh.model import ROPE_THETA
 from llama2zh.vocab.export import load_sentencepiece
 
 Q = gguf.GGMLQuantizationType
@@ -96,7 +97,7 @@ def export_gguf(run_dir: Path, out_file: Path, qtype: str = "f32") -> Path:
         writer.add_head_count(args.n_heads)
         writer.add_head_count_kv(args.n_kv_heads)
         writer.add_rope_dimension_count(args.head_dim)
-        writer.add_rope_freq_base(10000.0)
+        writer.add_rope_freq_base(ROPE_THETA)
         writer.add_layer_norm_rms_eps(args.norm_eps)
 
         writer.add_tokenizer_model("llama")

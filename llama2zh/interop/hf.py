@@ -38,11 +38,10 @@ import torch
 
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.errors import UserError
-from llama2zh.model import ModelArgs, Transformer
+from llama2zh.model import ROPE_THETA, ModelArgs, Transformer
 from llama2zh.vocab.export import MODEL_TYPES, load_sentencepiece
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ROPE_THETA = 10000.0  # csrc/model.c and model.rope_tables
 NORM_EPS = 1e-5  # csrc/model.c's RMSNorm; model.bin does not carry it
 # ours -> HF, per layer
 LAYER_NAMES = {
