@@ -248,3 +248,18 @@ def test_import_needs_the_model_s_tokenizer(tmp_path, tokenizer_dirs):
     with pytest.raises(UserError, match="32000 pieces, but the model has vocab_size 512"):
         import_llama2c(model_bin, tokenizer_dirs["llama2en"], tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_import_with_only_llama2c_s_tokenizer_bin_rebuilds_its_tokenizer_model(tmp_path, capsys):
+    """llama2.c's own tokenizer.bin is all the tokenizer there is (as for adam89's tok5000.bin):
+    import rebuilds tokenizer.model from it, and the run gives llama2.c's greedy ids."""
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer.bin").write_bytes(shared_file("reference/idtok512.bin").read_bytes())
+    out = import_llama2c(shared_file("models/stories260K.bin"), tokenizer_dir, tmp_path / "run")
+    assert "rebuilt one from tokenizer.bin" in capsys.readouterr().out
+    assert not (tokenizer_dir / "tokenizer.model").exists()  # the user's folder is left as it was
+    expected = reference_ids("stories260K_greedy_ids.txt")
+    ctok = CTokenizer(out / "tokenizer.bin", vocab_size=512)
+    assert CModel(out / "model.bin").generate(ctok, "", len(expected)) == expected
+    assert ctok.decode_bytes(expected[:3]) == b"".join(f"[{i}]".encode() for i in expected[:3])

@@ -22,7 +22,7 @@ from pathlib import Path, PurePosixPath
 
 from llama2zh.corpus.download import COMPLETE, Source, check_sha256, fetch, tokenizer_registry
 from llama2zh.errors import UserError
-from llama2zh.fileio import atomic_output
+from llama2zh.fileio import atomic_output, atomic_write_bytes
 
 DEFAULT_DEST = Path("models")
 
@@ -76,8 +76,8 @@ S110M = Shape(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, n_kv_heads=12, 
 
 ZH = "adam89/tinyllamas-chinese"
 TOK5000 = _hub(ZH, "tok5000.bin", "dc89b480fa6abf631bfde4581b4ad1f238c0db4bc0b4f6451047dc5d016d435a")
-TOK5000_NOTE = ("its tokenizer.model (tok5000.model) is published on GitHub only, in jia-zhuang/chinese-llama2.c: "
-                "put it here as tokenizer.model for `llama2zh import`")
+TOK5000_NOTE = ("tokenizer.model is rebuilt from tok5000.bin with llama2.c's train_vocab settings (the hub has no "
+                "tok5000.model; jia-zhuang/chinese-llama2.c on GitHub has the original)")
 
 # All are llama2.c's legacy (v0) files with a shared classifier: the sizes the hub lists (60.8 MB,
 # 87.7 MB, 112 MB, ...) are those of v0 files of these shapes, not v1's or unshared ones.
@@ -140,6 +140,7 @@ def download_model(name: str, dest: Path) -> Path:
     """dest/NAME/ with model.bin, tokenizer.bin and, where published, tokenizer.model; skipped
     when a previous run finished it."""
     from llama2zh.vocab.export import export_tokenizer
+    from llama2zh.vocab.rebuild import rebuild_model
 
     models = registry()
     if name not in models:
@@ -161,8 +162,9 @@ def download_model(name: str, dest: Path) -> Path:
     if tokenizer_path.suffix == ".model":
         _copy(tokenizer_path, target / "tokenizer.model")
         export_tokenizer(target / "tokenizer.model", target / "tokenizer.bin")
-    else:  # a llama2.c tokenizer.bin, which ./run reads as it is
+    else:  # a llama2.c tokenizer.bin, which ./run reads as it is; import needs a tokenizer.model
         _copy(tokenizer_path, target / "tokenizer.bin")
+        atomic_write_bytes(target / "tokenizer.model", [rebuild_model(target / "tokenizer.bin")])
     os.replace(model_path, target / "model.bin")  # moved, not copied: 438 MB need not be on disk twice
     record = {"source": f"{model.source.repo}/{model.source.file}", "sha256": digest,
               "tokenizer": f"{tokenizer.repo}/{tokenizer.file}"}
