@@ -25,8 +25,9 @@ class ChatSession:
     """One conversation: the model's KV cache and where it ends."""
 
     def __init__(self, model: Transformer, sp, system: str | None = None, temperature: float = 0.0,
-                 top_p: float = 0.9, seed: int = 1234, max_reply: int = 256):
+                 top_p: float = 0.9, seed: int = 1234, max_reply: int = 256, penalties: tuple[float, float] = (0, 0)):
         self.model, self.sp = model, sp
+        self.penalties = penalties  # presence, frequency
         self.im_end = require_chat_ids(sp, "tokenizer.model")[1]
         self.system, self.temperature, self.top_p, self.max_reply = system, temperature, top_p, max_reply
         self.generator = torch.Generator().manual_seed(seed)
@@ -57,7 +58,8 @@ class ChatSession:
         ids = self.model.generate(new, limit, self.temperature, self.top_p,
                                   stop_ids=(self.im_end, self.sp.eos_id(), self.sp.bos_id()),
                                   generator=self.generator, cache=self.cache, start_pos=self.pos,
-                                  on_token=out.add)
+                                  on_token=out.add, presence_penalty=self.penalties[0],
+                                  frequency_penalty=self.penalties[1])
         out.finish(ids)
         stopped = len(ids) < limit
         self.pos += len(new) + len(ids) - (0 if stopped else 1)
@@ -91,10 +93,10 @@ class _Streamer:
 
 
 def chat(run_dir: Path, system: str | None, first: str | None, temperature: float, top_p: float, seed: int,
-         max_reply: int) -> int:
+         max_reply: int, penalties: tuple[float, float] = (0, 0)) -> int:
     model, _ = load_checkpoint(run_dir / "ckpt.pt")
     sp, _ = load_sentencepiece(run_dir / "tokenizer.model")
-    session = ChatSession(model.eval(), sp, system, temperature, top_p, seed, max_reply)
+    session = ChatSession(model.eval(), sp, system, temperature, top_p, seed, max_reply, penalties)
     interactive = sys.stdin.isatty()
 
     def show(stream, text: str) -> None:

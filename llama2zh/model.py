@@ -221,6 +221,8 @@ class Transformer(nn.Module):
         cache: KVCache | None = None,
         start_pos: int = 0,
         on_token=None,
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
     ) -> list[int]:
         """Continues prompt (ids, BOS included) by up to max_new_tokens tokens.
 
@@ -228,7 +230,8 @@ class Transformer(nn.Module):
         every new token then reuses the cache. Stops before the first stop id, like the C
         engine; never runs past max_seq_len. Every token returned is in the cache except the
         last when it stopped on the token limit (as in the C engine's l2_generate). on_token,
-        when given, is called with each token as it is generated.
+        when given, is called with each token as it is generated. The penalties are OpenAI's,
+        over the tokens generated in this call (see penalize).
         """
         if not prompt:
             raise ValueError("generate needs at least one prompt token (BOS)")
@@ -239,8 +242,12 @@ class Transformer(nn.Module):
         max_new_tokens = min(max_new_tokens, self.args.max_seq_len - pos + 1)
         logits = self(torch.tensor([prompt], device=device), start_pos, cache)[0, -1]
         out = []
+        counts = torch.zeros(self.args.vocab_size, device=device)
         while len(out) < max_new_tokens:
+            if presence_penalty or frequency_penalty:
+                logits = penalize(logits, counts, presence_penalty, frequency_penalty)
             token = sample_token(logits, temperature, top_p, generator)
+            counts[token] += 1
             if token in stop_ids:
                 break
             out.append(token)
@@ -251,6 +258,13 @@ class Transformer(nn.Module):
             logits = self(torch.tensor([[token]], device=device), pos, cache)[0, -1]
             pos += 1
         return out
+
+
+def penalize(logits: torch.Tensor, counts: torch.Tensor, presence: float, frequency: float) -> torch.Tensor:
+    """OpenAI's penalties: each token's logit less frequency times the times it was generated so
+    far, and less presence once if it was; in float32 and in this order, as csrc/sampler.c."""
+    penalty = counts * frequency + (counts > 0).float() * presence
+    return logits.float() - penalty
 
 
 def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> int:

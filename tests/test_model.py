@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama2zh.config import Config, ConfigError, load_config
-from llama2zh.model import KVCache, llama_hidden_dim, sample_token
+from llama2zh.model import KVCache, llama_hidden_dim, penalize, sample_token
 from tests.conftest import random_model
 
 GQA = dict(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, hidden_dim=96, max_seq_len=48)
@@ -98,3 +98,22 @@ def test_bad_config_file_is_rejected(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="dim 65 is not divisible by n_heads 6"):
         Config(dim=65).model_args(100)
+
+
+def test_penalties_are_openai_s():
+    """presence once for a token generated at all, frequency per time it was generated."""
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    counts = torch.tensor([0.0, 1.0, 3.0, 0.0])
+    assert penalize(logits, counts, 0.5, 0.25).tolist() == [1.0, 0.25, -0.25, 1.0]
+    assert penalize(logits, counts, -1.0, 0.0).tolist() == [1.0, 2.0, 2.0, 1.0]  # negative: encourages
+
+
+def test_penalties_break_a_greedy_loop():
+    model = random_model(3, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, max_seq_len=128)
+    with torch.no_grad():  # every input predicts itself: greedy repeats the prompt's last token forever
+        model.output.weight.copy_(model.tok_embeddings.weight * 2)
+    plain = model.generate([1, 7], 40)
+    assert set(plain) == {7}
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        penalized = model.generate([1, 7], 40, **penalty)
+        assert penalized[0] == 7 and len(set(penalized)) == 40  # nothing generated yet, then never again
