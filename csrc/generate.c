@@ -36,6 +36,7 @@ int l2_generate(L2Model *m, L2Sampler *s, const int *ids, int n_ids, int pos, in
     pos += n_feed; /* from here on: the positions the KV cache holds */
 
     int n_out = 0;
+    l2_sampler_reset(s); /* the penalties count this call's tokens */
     while (n_feed == n_ids) { /* the logits at pos - 1 give the token at pos */
         int token = l2_sample(s, logits);
         if (is_stop(token, stop, n_stop)) break;

@@ -16,7 +16,7 @@
 
 #define USAGE                                                                             \
     "usage: run model.bin [-k tokenizer.bin] [-i prompt] [-t temperature] [-p topp] "     \
-    "[-s seed] [-n steps] [-m generate|chat] [-y system]"
+    "[-s seed] [-n steps] [-m generate|chat] [-y system] [-P presence] [-F frequency]"
 
 static const char *HELP =
     USAGE "\n"
@@ -30,7 +30,11 @@ static const char *HELP =
     "  -m <mode>      generate (default), or chat: each line of standard input is a user\n"
     "                 message, each reply one line of standard output (needs a tokenizer.bin\n"
     "                 with a chat template: a chat-tuned model's)\n"
-    "  -y <string>    chat: a system message before the first user message\n";
+    "  -y <string>    chat: a system message before the first user message\n"
+    "  -P <float>     presence penalty in [-2, 2] (default 0): lowers the logit of every token\n"
+    "                 generated so far (in this reply) by this much\n"
+    "  -F <float>     frequency penalty in [-2, 2] (default 0): lowers a token's logit by this\n"
+    "                 much per time it was generated so far (in this reply)\n";
 
 static int fail(int status, const char *fmt, ...) {
     va_list ap;
@@ -103,7 +107,7 @@ static int print_token(void *ctx, int token) {
 
 typedef struct {
     const char *model_path, *tokenizer_path, *prompt, *system;
-    float temperature, topp;
+    float temperature, topp, presence, frequency;
     unsigned long long seed;
     int steps, chat;
 } Options;
@@ -118,7 +122,7 @@ static int parse_args(int argc, char **argv, Options *o) {
     o->model_path = argv[1];
     for (int i = 2; i < argc; i += 2) {
         const char *flag = argv[i];
-        if (flag[0] != '-' || !flag[1] || flag[2] || !strchr("kzitpsnmy", flag[1]))
+        if (flag[0] != '-' || !flag[1] || flag[2] || !strchr("kzitpsnmyPF", flag[1]))
             return fail(2, "unknown argument '%s' (%s)", flag, USAGE);
         if (i + 1 >= argc) return fail(2, "%s needs a value", flag);
         const char *val = argv[i + 1];
@@ -143,6 +147,14 @@ static int parse_args(int argc, char **argv, Options *o) {
             if (!parse_int(val, &o->steps) || o->steps < 0)
                 return fail(2, "-n: steps must be an integer >= 0, got '%s'", val);
             break;
+        case 'P':
+        case 'F': {
+            float *penalty = flag[1] == 'P' ? &o->presence : &o->frequency;
+            if (!parse_float(val, penalty) || *penalty < -2.0f || *penalty > 2.0f)
+                return fail(2, "%s: the %s penalty must be a number in [-2, 2], got '%s'", flag,
+                            flag[1] == 'P' ? "presence" : "frequency", val);
+            break;
+        }
         case 'm':
             if (strcmp(val, "generate") && strcmp(val, "chat"))
                 return fail(2, "-m: unknown mode '%s' (generate or chat)", val);
@@ -354,7 +366,7 @@ int main(int argc, char **argv) {
     sampler = l2_sampler_new(cfg->vocab_size, o.temperature, o.topp, o.seed);
     pr.tok = tok;
     pr.buf = malloc(l2_decode_bound(tok));
-    if (!sampler || !pr.buf) {
+    if (!sampler || !pr.buf || l2_sampler_set_penalties(sampler, o.presence, o.frequency)) {
         fail(1, "out of memory");
         goto done;
     }

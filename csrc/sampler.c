@@ -1,11 +1,14 @@
 /* sampler.c - picks the next token from the logits: argmax, or a draw from
  * softmax(logits / temperature), optionally restricted to the top-p nucleus.
- * The algorithm and the RNG are llama2.c's, so a seed gives the same draws. */
+ * The algorithm and the RNG are llama2.c's, so a seed gives the same draws.
+ * OpenAI's presence and frequency penalties, when set, lower the logits of the tokens
+ * sampled since the last reset first. */
 #include "llama2.h"
 #include "common.h"
 
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct {
     float prob;
@@ -18,6 +21,8 @@ struct L2Sampler {
     float topp;
     unsigned long long rng_state;
     ProbIndex *probindex; /* scratch for top-p */
+    float presence, frequency;
+    int *counts; /* times each token was sampled since the reset; NULL without penalties */
 };
 
 L2Sampler *l2_sampler_new(int vocab_size, float temperature, float topp,
@@ -41,7 +46,29 @@ L2Sampler *l2_sampler_new(int vocab_size, float temperature, float topp,
 void l2_sampler_free(L2Sampler *s) {
     if (!s) return;
     free(s->probindex);
+    free(s->counts);
     free(s);
+}
+
+int l2_sampler_set_penalties(L2Sampler *s, float presence, float frequency) {
+    s->presence = presence;
+    s->frequency = frequency;
+    if ((presence != 0.0f || frequency != 0.0f) && !s->counts) {
+        s->counts = malloc((size_t)s->vocab_size * sizeof(int));
+        if (!s->counts) return -1;
+    }
+    l2_sampler_reset(s);
+    return 0;
+}
+
+void l2_sampler_reset(L2Sampler *s) {
+    if (s->counts) memset(s->counts, 0, (size_t)s->vocab_size * sizeof(int));
+}
+
+/* In float32 and in this order, as llama2zh.model.penalize. */
+static void penalize(const L2Sampler *s, float *logits) {
+    for (int i = 0; i < s->vocab_size; i++)
+        if (s->counts[i]) logits[i] -= (float)s->counts[i] * s->frequency + s->presence;
 }
 
 /* xorshift64* (https://en.wikipedia.org/wiki/Xorshift#xorshift*) */
@@ -121,7 +148,7 @@ static int sample_topp(const float *probs, int n, float topp, ProbIndex *probind
     return probindex[last_idx].index; /* rounding */
 }
 
-int l2_sample(L2Sampler *s, float *logits) {
+static int pick(L2Sampler *s, float *logits) {
     int n = s->vocab_size;
     if (!(s->temperature > 0.0f)) return sample_argmax(logits, n);
     for (int i = 0; i < n; i++) logits[i] /= s->temperature;
@@ -129,4 +156,12 @@ int l2_sample(L2Sampler *s, float *logits) {
     float coin = random_f32(&s->rng_state);
     if (s->topp <= 0.0f || s->topp >= 1.0f) return sample_mult(logits, n, coin);
     return sample_topp(logits, n, s->topp, s->probindex, coin);
+}
+
+int l2_sample(L2Sampler *s, float *logits) {
+    if (!s->counts) return pick(s, logits);
+    penalize(s, logits);
+    int token = pick(s, logits);
+    s->counts[token]++;
+    return token;
 }

@@ -18,6 +18,7 @@ import torch
 from sentencepiece import sentencepiece_model_pb2 as pb
 
 from llama2zh.chat import CHAT_PIECES, add_chat_pieces, close_reply_ids, render_ids
+from llama2zh.chat_session import ChatSession
 from llama2zh.engine import CModel, CSampler, CTokenizer, EngineError, run_binary
 from llama2zh.errors import UserError
 from llama2zh.export import write_model_bin
@@ -365,3 +366,20 @@ def test_run_chat_usage(run_bin, small, chat_models, args, words):
                             capture_output=True, timeout=HANG)
     assert_fails(result, 2, *words)
     assert result.stdout == b""
+
+
+@pytest.mark.parametrize("presence, frequency", [(0.0, 1.5), (1.5, 0.0), (-0.5, 0.7)])
+def test_run_chat_penalties_equal_pytorch_s(run_bin, small, chat_models, presence, frequency):
+    """./run -P/-F against PyTorch's penalize, the counts starting again at each reply."""
+    sp, tok, _ = small["chat"]
+    path, torch_model = chat_models["endless"]
+
+    def replies(penalties):
+        session = ChatSession(torch_model, sp, SYSTEM, temperature=0.0, max_reply=STEPS, penalties=penalties)
+        return [session.reply(USER_1), session.reply(USER_2)]
+
+    expected = replies((presence, frequency))
+    assert expected != replies((0.0, 0.0))  # the penalties change the replies
+    result = chat_run(run_bin, path, tok, "-y", SYSTEM, "-t", 0, "-n", STEPS, "-P", presence, "-F", frequency,
+                      stdin=f"{USER_1}\n{USER_2}\n".encode())
+    assert result.returncode == 0 and result.stdout == lines_of(sp, expected), result.stderr

@@ -387,6 +387,8 @@ def test_tokenizer_of_another_vocab(run_bin, tiny):
     (["MODEL", "-s", "-3"], ["-s"]),
     (["MODEL", "-y", "be brief"], ["-y", "-m chat"]),
     (["MODEL", "-m", "poem"], ["poem"]),
+    (["MODEL", "-P", "2.5"], ["-P", "presence penalty", "[-2, 2]"]),
+    (["MODEL", "-F", "often"], ["-F", "frequency penalty"]),
 ], ids=lambda v: " ".join(v) if isinstance(v, list) else None)
 def test_bad_usage(run_bin, tiny, args, words):
     model, tok, _, _ = tiny
