@@ -120,7 +120,7 @@ int l2_chat_render(const L2Tokenizer *t, const L2Message *messages, int n_messag
 /* <|im_end|> encode("\n"): what closes a reply the model generated. Count or -1 as above. */
 int l2_chat_close_reply(const L2Tokenizer *t, int *ids, int max_ids, char *err);
 
-/* ---- sampler.c: argmax / temperature / top-p, seeded ---- */
+/* ---- sampler.c: argmax / temperature / top-p, seeded; presence and frequency penalties ---- */
 
 typedef struct L2Sampler L2Sampler;
 
@@ -128,6 +128,12 @@ typedef struct L2Sampler L2Sampler;
 L2Sampler *l2_sampler_new(int vocab_size, float temperature, float topp,
                           unsigned long long seed);
 void l2_sampler_free(L2Sampler *s);
+/* OpenAI's penalties: before each pick, a token's logit is lowered by frequency times the
+ * times it was picked since the last reset, and by presence once if it was (negative values
+ * encourage repeats). Resets the counts; -1 when out of memory. */
+int l2_sampler_set_penalties(L2Sampler *s, float presence, float frequency);
+/* Forgets the tokens picked so far (l2_generate does at each call: one reply, one count). */
+void l2_sampler_reset(L2Sampler *s);
 /* Picks the next token; may overwrite logits. */
 int l2_sample(L2Sampler *s, float *logits);
 
