@@ -54,6 +54,38 @@ const char *l2_model_kernel(const L2Model *m);
  * or -1 (the setting unchanged) when out of memory for their buffers. */
 int l2_model_set_threads(L2Model *m, int n_threads);
 
+/* ---- model.c: a batch of independent sequences, for serving ---- */
+
+/* Up to max_seqs sequences, each in a slot with its own KV cache, advanced together: a step
+ * runs one token of each of several sequences, each at its own position, and reads each
+ * weight once for all of them (as prefill does for a prompt's tokens). Each sequence's logits
+ * are those it gets run alone by l2_model_prefill and l2_model_forward: the same bits, except
+ * with float32 weights on the avx2 and avx512 kernels, whose one-token matmul adds in another
+ * order than their many-token one (then within float rounding). A slot takes 2 * n_layers *
+ * seq_len * kv_dim floats of cache (kv_dim = dim / n_heads * n_kv_heads; pages its positions
+ * never reach stay untouched) and 2 * vocab_size floats of logits at most: 3.6 MiB for the
+ * stories15M shape (seq_len 256, vocab 32000). A batch runs in its model's buffers, with its
+ * threads: calls on a model and on its batches must not overlap, and the model must outlive
+ * them. A slot's positions must run in order: a call at position pos needs the slot's cache
+ * to hold 0..pos-1 (a sequence starts over at 0; pos below what it holds overwrites the
+ * rest). Errors leave every slot as it was. */
+typedef struct L2Batch L2Batch;
+
+L2Batch *l2_batch_new(L2Model *m, int max_seqs, char *err);
+void l2_batch_free(L2Batch *b);
+/* Runs ids[0..n) at positions pos..pos+n-1 of the sequence in slot (slots count from 0): a new
+ * prompt at pos 0, or a chunk of one anywhere after, between steps. The slot's logits become
+ * the last id's. Returns 0, or -1 with err set (a bad slot, id or position). */
+int l2_batch_prefill(L2Batch *b, int slot, const int *ids, int n, int pos, char *err);
+/* Advances n sequences (distinct slots) by one token each: tokens[i] at positions[i] in
+ * slots[i]; each slot's logits become its token's. Returns 0, or -1 with err set (a bad or
+ * repeated slot, a bad token or position: then nothing runs). */
+int l2_batch_step(L2Batch *b, const int *slots, const int *tokens, const int *positions, int n,
+                  char *err);
+/* The vocab_size logits of the slot's last token run, valid until the slot runs again; NULL
+ * when the slot is out of range. */
+const float *l2_batch_logits(const L2Batch *b, int slot);
+
 /* ---- tokenizer.c: tokenizer.bin loading, encode, streaming decode, chat rendering ---- */
 
 typedef struct L2Tokenizer L2Tokenizer;

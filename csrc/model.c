@@ -1,11 +1,12 @@
 /* model.c - model.bin loading (mmap, validated) and the forward pass.
  *
- * The forward pass is llama2.c's, generalised to a batch of T tokens at consecutive
- * positions. Decoding runs T = 1: every weight is streamed from memory once per token, so
- * it is memory-bound, and int8 weights (version 2) are 4x less to stream. Prefill runs the
- * prompt in batches: each weight is read once per batch and reused for every token, so it
- * is compute-bound. Either way the time goes in the matmuls (quant.c); everything else is
- * small.
+ * The forward pass is llama2.c's, generalised to a batch of T tokens: runs of consecutive
+ * positions of one or more sequences, each with its own KV cache (see Span). Decoding one
+ * sequence runs T = 1: every weight is streamed from memory once per token, so it is
+ * memory-bound, and int8 weights (version 2) are 4x less to stream. Prefill runs the prompt
+ * in batches, and a batch step (L2Batch) one token of each of several sequences: each weight
+ * is read once per batch and reused for every token, so they go towards compute-bound. Either
+ * way the time goes in the matmuls (quant.c); everything else, attention aside, is small.
  */
 #define _GNU_SOURCE /* sched_getaffinity */
 #include "llama2.h"
@@ -37,7 +38,7 @@ static int omp_get_max_threads(void) { return 1; }
 #define V1_HEADER_BYTES 256    /* also version 2's */
 #define V2_GROUP_OFFSET 37     /* int32 group size, right after the shared_classifier byte */
 
-#define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers */
+#define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers (see batch_rows) */
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
 #define QUERY_BLOCK 4     /* queries of one head scored together in prefill (see attend) */
 #define VALUE_TILE 16     /* dimensions of the value sums kept in registers (see attend) */
@@ -74,7 +75,14 @@ typedef struct {
     Q8Act xq;
 } ThreadBuffers;
 
-/* Buffers for a batch of up to PREFILL_CHUNK tokens; row t belongs to token t. */
+/* One sequence's keys and values: (layer, kv head, key_blocks, head_size, KEY_BLOCK) (see
+ * attend) and (layer, seq_len, kv_dim). */
+typedef struct {
+    float *key_cache;
+    float *value_cache;
+} KVCache;
+
+/* Buffers for a batch of up to batch_rows() tokens; row t belongs to token t. */
 typedef struct {
     float *x;      /* the residual stream (T, dim) */
     float *xb;     /* the attention output (T, dim) */
@@ -82,12 +90,11 @@ typedef struct {
     float *hb;     /* SwiGLU hidden (T, hidden_dim) */
     float *hb2;    /* SwiGLU hidden (T, hidden_dim) */
     float *q;      /* queries (T, dim) */
-    float *k;      /* the batch's keys (T, kv_dim), on their way into the cache */
+    float *k;      /* the batch's keys (T, kv_dim), on their way into the caches */
+    float *v;      /* the batch's values (T, kv_dim), likewise */
     float *rope;   /* cos, sin of each pair's angle at each token's position (T, head_size) */
     float *att;    /* attention scores (n_heads, QUERY_BLOCK, att_stride) */
     float *logits; /* (vocab_size) */
-    float *key_cache;   /* (layer, kv head, key_blocks, head_size, KEY_BLOCK): see attend */
-    float *value_cache; /* (layer, seq_len, kv_dim) */
     ThreadBuffers *mine; /* one per thread */
     int n_mine;
 } RunState;
@@ -95,7 +102,8 @@ typedef struct {
 struct L2Model {
     L2Config cfg;
     Weights w;
-    RunState s;
+    RunState s;     /* shared by the model's own sequence and its batches' */
+    KVCache kv;     /* the single-sequence API's cache */
     const Kernels *kernels;
     int n_threads;
     Mat *mats;      /* the storage of w.layer */
@@ -422,9 +430,12 @@ static void free_thread_buffers(ThreadBuffers *mine, int n) {
     free(mine);
 }
 
+/* The rows of the batch buffers: a prefill never runs more than seq_len tokens. */
+static int batch_rows(const L2Config *c) { return c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK; }
+
 /* Replaces the thread buffers with room for n_threads; on failure keeps the old ones. */
 static int alloc_thread_buffers(RunState *s, const L2Config *c, int n_threads) {
-    size_t B = c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK;
+    size_t B = batch_rows(c);
     size_t n = c->hidden_dim > c->dim ? c->hidden_dim : c->dim;
     ThreadBuffers *mine = calloc(n_threads, sizeof(ThreadBuffers));
     int ok = mine != NULL;
@@ -472,10 +483,9 @@ static size_t key_blocks(const L2Config *c) {
 static size_t att_stride(const L2Config *c) { return key_blocks(c) * KEY_BLOCK; }
 
 static int alloc_state(RunState *s, const L2Config *c) {
-    size_t B = c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK;
+    size_t B = batch_rows(c);
     size_t dim = c->dim, hidden = c->hidden_dim, head_size = dim / c->n_heads;
     size_t kv_dim = head_size * c->n_kv_heads;
-    size_t layers = c->n_layers;
     s->x = calloc(B * dim, sizeof(float));
     s->xb = calloc(B * dim, sizeof(float));
     s->xb2 = calloc(B * dim, sizeof(float));
@@ -483,13 +493,25 @@ static int alloc_state(RunState *s, const L2Config *c) {
     s->hb2 = calloc(B * hidden, sizeof(float));
     s->q = calloc(B * dim, sizeof(float));
     s->k = calloc(B * kv_dim, sizeof(float));
+    s->v = calloc(B * kv_dim, sizeof(float));
     s->rope = calloc(B * head_size, sizeof(float));
     s->att = calloc((size_t)c->n_heads * QUERY_BLOCK * att_stride(c), sizeof(float));
     s->logits = calloc(c->vocab_size, sizeof(float));
-    s->key_cache = calloc(layers * kv_dim * key_blocks(c) * KEY_BLOCK, sizeof(float));
-    s->value_cache = calloc(layers * c->seq_len * kv_dim, sizeof(float));
-    return s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->rope && s->att &&
-           s->logits && s->key_cache && s->value_cache;
+    return s->x && s->xb && s->xb2 && s->hb && s->hb2 && s->q && s->k && s->v && s->rope && s->att &&
+           s->logits;
+}
+
+/* calloc: the pages of positions a sequence never reaches are never touched. */
+static int alloc_kv(KVCache *kv, const L2Config *c) {
+    size_t layers = c->n_layers, kv_dim = (size_t)c->dim / c->n_heads * c->n_kv_heads;
+    kv->key_cache = calloc(layers * kv_dim * att_stride(c), sizeof(float));
+    kv->value_cache = calloc(layers * c->seq_len * kv_dim, sizeof(float));
+    return kv->key_cache && kv->value_cache;
+}
+
+static void free_kv(KVCache *kv) {
+    free(kv->key_cache);
+    free(kv->value_cache);
 }
 
 static void free_state(RunState *s) {
@@ -500,11 +522,10 @@ static void free_state(RunState *s) {
     free(s->hb2);
     free(s->q);
     free(s->k);
+    free(s->v);
     free(s->rope);
     free(s->att);
     free(s->logits);
-    free(s->key_cache);
-    free(s->value_cache);
     free_thread_buffers(s->mine, s->n_mine);
 }
 
@@ -561,7 +582,7 @@ L2Model *l2_model_open(const char *path, char *err) {
     const char *kernel = getenv("LLAMA2ZH_KERNEL"); /* lets tests force each kernel set */
     m->kernels = kernels_select(kernel && *kernel ? kernel : NULL, err);
     if (!m->kernels) goto fail;
-    if (!alloc_state(&m->s, &m->cfg) || l2_model_set_threads(m, 0) < 0) {
+    if (!alloc_state(&m->s, &m->cfg) || !alloc_kv(&m->kv, &m->cfg) || l2_model_set_threads(m, 0) < 0) {
         set_err(err, "%s: out of memory for the run state and KV cache", path);
         goto fail;
     }
@@ -575,6 +596,7 @@ fail:
 void l2_model_close(L2Model *m) {
     if (!m) return;
     free_state(&m->s);
+    free_kv(&m->kv);
     free(m->mats);
     free(m->scales);
     free(m->dequantized);
@@ -802,6 +824,23 @@ static void rope(float *vec, int r0, int r1, int head_size, const float *cs) {
     }
 }
 
+/* A sequence's part of a batch: rows t0..t1-1 are its tokens, row t at position
+ * pos + t - t0, whose keys and values go to kv, and whose queries read it. A prefill is one
+ * span of many rows; a batch step, one span of one row per sequence. */
+typedef struct {
+    KVCache *kv;
+    int pos, t0, t1;
+} Span;
+
+/* Layer l's keys and values in a cache. */
+static float *layer_keys(const KVCache *kv, const L2Config *p, int l) {
+    return kv->key_cache + (size_t)l * (p->dim / p->n_heads * p->n_kv_heads) * att_stride(p);
+}
+
+static float *layer_values(const KVCache *kv, const L2Config *p, int l) {
+    return kv->value_cache + (size_t)l * p->seq_len * (p->dim / p->n_heads * p->n_kv_heads);
+}
+
 /* Stores values r0..r1-1 of the keys of tokens t0..t1-1 (rows of k, kv_dim apart; token t
  * at position pos + t) in one layer's key cache (see attend for its layout). A run of
  * positions within one block of the cache lies side by side there: run by run, value by
@@ -810,7 +849,7 @@ static void store_keys(float *keys, const float *k, int t0, int t1, int pos, int
                        const L2Config *p, size_t head_keys) {
     int head_size = p->dim / p->n_heads, kv_dim = head_size * p->n_kv_heads;
     for (int t = t0; t < t1;) {
-        size_t u = (size_t)pos + t, at = u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK;
+        size_t u = (size_t)(pos + t), at = u / KEY_BLOCK * head_size * KEY_BLOCK + u % KEY_BLOCK;
         int run = KEY_BLOCK - (int)(u % KEY_BLOCK) < t1 - t ? KEY_BLOCK - (int)(u % KEY_BLOCK) : t1 - t;
         for (int h0 = r0 / head_size * head_size; h0 < r1; h0 += head_size) {
             float *head = keys + (size_t)(h0 / head_size) * head_keys + at;
@@ -825,6 +864,23 @@ static void store_keys(float *keys, const float *k, int t0, int t1, int pos, int
     }
 }
 
+/* Stores values r0..r1-1 of the keys (s.k) and values (s.v) of rows t0..t1-1 in layer l of
+ * their sequences' caches. */
+static void store_kv(const L2Model *m, const Span *spans, int n_spans, int l, int t0, int t1, int r0,
+                     int r1) {
+    const L2Config *p = &m->cfg;
+    int head_size = p->dim / p->n_heads, kv_dim = head_size * p->n_kv_heads;
+    size_t head_keys = key_blocks(p) * head_size * KEY_BLOCK;
+    for (const Span *sp = spans; sp < spans + n_spans; sp++) {
+        int a = sp->t0 > t0 ? sp->t0 : t0, z = sp->t1 < t1 ? sp->t1 : t1, pos = sp->pos - sp->t0;
+        store_keys(layer_keys(sp->kv, p, l), m->s.k, a, z, pos, r0, r1, p, head_keys);
+        float *values = layer_values(sp->kv, p, l);
+        for (int t = a; t < z; t++)
+            memcpy(values + (size_t)(pos + t) * kv_dim + r0, m->s.v + (size_t)t * kv_dim + r0,
+                   (size_t)(r1 - r0) * sizeof(float));
+    }
+}
+
 static void embed(const L2Model *m, float *x, int token) {
     const Mat *e = &m->w.token_embedding;
     size_t row = (size_t)token * e->n;
@@ -836,24 +892,28 @@ static void embed(const L2Model *m, float *x, int token) {
     for (int j = 0; j < e->n; j++) x[j] = e->q8.q[row + j] * e->q8.s[(row + j) / gs];
 }
 
-/* The embeddings of tokens t0..t1-1 of the batch (positions pos + t), into x, and the cos
- * and sin of their RoPE angles (the same for every head and layer). */
-static void begin(L2Model *m, const int *tokens, int t0, int t1, int pos) {
+/* The embeddings of rows t0..t1-1 of the batch, into x, and the cos and sin of their RoPE
+ * angles (the same for every head and layer). */
+static void begin(L2Model *m, const int *tokens, const Span *spans, int n_spans, int t0, int t1) {
     int dim = m->cfg.dim, head_size = dim / m->cfg.n_heads;
-    for (int t = t0; t < t1; t++) {
-        embed(m, m->s.x + (size_t)t * dim, tokens[t]);
-        for (int i = 0; i < head_size; i += 2) {
-            float freq = 1.0f / powf(10000.0f, i / (float)head_size);
-            float val = (pos + t) * freq;
-            m->s.rope[(size_t)t * head_size + i] = cosf(val);
-            m->s.rope[(size_t)t * head_size + i + 1] = sinf(val);
+    for (const Span *sp = spans; sp < spans + n_spans; sp++) {
+        int a = sp->t0 > t0 ? sp->t0 : t0, z = sp->t1 < t1 ? sp->t1 : t1;
+        for (int t = a; t < z; t++) {
+            embed(m, m->s.x + (size_t)t * dim, tokens[t]);
+            for (int i = 0; i < head_size; i += 2) {
+                float freq = 1.0f / powf(10000.0f, i / (float)head_size);
+                float val = (sp->pos + t - sp->t0) * freq;
+                m->s.rope[(size_t)t * head_size + i] = cosf(val);
+                m->s.rope[(size_t)t * head_size + i + 1] = sinf(val);
+            }
         }
     }
 }
 
-/* Runs tokens[0..T) (T <= PREFILL_CHUNK) at positions pos..pos+T-1, and writes the logits
- * of tokens first..T-1 to out ((T - first) rows of vocab_size). */
-static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int first, float *out) {
+/* Runs the batch tokens[0..T) (T <= batch_rows), made of spans[0..n_spans), and writes the
+ * logits of rows first..T-1 to out ((T - first) rows of vocab_size). */
+static void forward_batch(L2Model *m, const int *tokens, int T, const Span *spans, int n_spans,
+                          int first, float *out) {
     const L2Config *p = &m->cfg;
     const Weights *w = &m->w;
     RunState *s = &m->s;
@@ -864,23 +924,20 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
     size_t head_keys = key_blocks(p) * head_size * KEY_BLOCK; /* the key cache of one kv head */
 
     /* Each thread computes its share of the work (see Share), and whatever follows on the
-     * same tokens and rows alone (RoPE, SwiGLU, the residual). */
+     * same tokens and rows alone (RoPE, storing keys and values, SwiGLU, the residual). */
 #pragma omp parallel num_threads(m->n_threads)
     {
         Share sh = share(0, T);
         int r0, r1;
         Input in;
         if (sh.by_tokens) {
-            begin(m, tokens, sh.t0, sh.t1, pos);
+            begin(m, tokens, spans, n_spans, sh.t0, sh.t1);
         } else { /* every thread needs every token's */
 #pragma omp single
-            begin(m, tokens, 0, T, pos);
+            begin(m, tokens, spans, n_spans, 0, T);
         }
         for (int l = 0; l < p->n_layers; l++) {
-            float *keys = s->key_cache + (size_t)l * p->n_kv_heads * head_keys; /* this layer's */
-            float *values = s->value_cache + (size_t)l * p->seq_len * kv_dim;
-
-            /* q, k (both rotated) and v */
+            /* q, k (both rotated) and v; k and v into the caches */
             in = prepare(m, s->x, w->rms_att + (size_t)l * dim, sh, dim);
             matmul(m, s->q, 0, in, sh, &w->layer[WQ][l], &r0, &r1);
             for (int t = sh.t0; t < sh.t1; t++)
@@ -888,23 +945,27 @@ static void forward_batch(L2Model *m, const int *tokens, int T, int pos, int fir
             matmul(m, s->k, 0, in, sh, &w->layer[WK][l], &r0, &r1);
             for (int t = sh.t0; t < sh.t1; t++)
                 rope(s->k + (size_t)t * kv_dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
-            store_keys(keys, s->k, sh.t0, sh.t1, pos, r0, r1, p, head_keys);
-            matmul(m, values + (size_t)pos * kv_dim, 0, in, sh, &w->layer[WV][l], &r0, &r1);
+            matmul(m, s->v, 0, in, sh, &w->layer[WV][l], &r0, &r1); /* the same rows as k's */
+            store_kv(m, spans, n_spans, l, sh.t0, sh.t1, r0, r1);
 #pragma omp barrier
 
-            /* causal multi-head attention, one head per iteration: token t sees 0..pos+t */
+            /* causal multi-head attention, one head per iteration: a sequence's token at
+             * position u sees positions 0..u of its own cache */
 #pragma omp for schedule(static)
             for (int h = 0; h < p->n_heads; h++) {
                 size_t kv_head = h / kv_mul, off = (size_t)h * head_size;
-                const float *hk = keys + kv_head * head_keys, *hv = values + kv_head * head_size;
                 float *att = s->att + (size_t)h * QUERY_BLOCK * att_stride(p);
-                int t = 0;
-                for (; t + QUERY_BLOCK <= T; t += QUERY_BLOCK)
-                    attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, QUERY_BLOCK,
-                           hk, hv, pos + t + QUERY_BLOCK, p, att);
-                for (; t < T; t++)
-                    attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, 1, hk, hv,
-                           pos + t + 1, p, att);
+                for (const Span *sp = spans; sp < spans + n_spans; sp++) {
+                    const float *hk = layer_keys(sp->kv, p, l) + kv_head * head_keys;
+                    const float *hv = layer_values(sp->kv, p, l) + kv_head * head_size;
+                    int seen = sp->pos - sp->t0 + 1, t = sp->t0; /* row t sees seen + t positions */
+                    for (; t + QUERY_BLOCK <= sp->t1; t += QUERY_BLOCK)
+                        attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, QUERY_BLOCK,
+                               hk, hv, seen + t + QUERY_BLOCK - 1, p, att);
+                    for (; t < sp->t1; t++)
+                        attend(s->xb + (size_t)t * dim + off, s->q + (size_t)t * dim + off, 1, hk, hv,
+                               seen + t, p, att);
+                }
             }
             in = prepare(m, s->xb, NULL, sh, dim);
             matmul(m, s->xb2, 0, in, sh, &w->layer[WO][l], &r0, &r1);
@@ -963,9 +1024,28 @@ static int check_range(const L2Model *m, const int *tokens, int n, int pos, char
     return 1;
 }
 
+/* Runs tokens[0..n) (checked) at positions pos.. of the sequence in kv, in batches, and
+ * writes every token's logits to all_logits when it is not NULL (n rows), and the last
+ * token's to logits. */
+static void prefill(L2Model *m, KVCache *kv, const int *tokens, int n, int pos, float *all_logits,
+                    float *logits) {
+    size_t vocab = m->cfg.vocab_size;
+    for (int done = 0; done < n;) {
+        int T = n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK;
+        Span span = {kv, pos + done, 0, T};
+        if (all_logits)
+            forward_batch(m, tokens + done, T, &span, 1, 0, all_logits + done * vocab);
+        else /* only the last token's logits: the classifier is the biggest matmul */
+            forward_batch(m, tokens + done, T, &span, 1, done + T == n ? T - 1 : T, logits);
+        done += T;
+    }
+    if (all_logits) memcpy(logits, all_logits + (n - 1) * vocab, vocab * sizeof(float));
+}
+
 float *l2_model_forward(L2Model *m, int token, int pos, char *err) {
     if (!check_range(m, &token, 1, pos, err)) return NULL;
-    forward_batch(m, &token, 1, pos, 0, m->s.logits);
+    Span span = {&m->kv, pos, 0, 1};
+    forward_batch(m, &token, 1, &span, 1, 0, m->s.logits);
     return m->s.logits;
 }
 
@@ -976,16 +1056,117 @@ float *l2_model_prefill(L2Model *m, const int *tokens, int n, int pos, float *al
         return NULL;
     }
     if (!check_range(m, tokens, n, pos, err)) return NULL;
+    prefill(m, &m->kv, tokens, n, pos, all_logits, m->s.logits);
+    return m->s.logits;
+}
+
+/* ---- batches of sequences ---- */
+
+struct L2Batch {
+    L2Model *m;
+    int n_slots;
+    KVCache *kv;   /* each slot's cache */
+    int *held;     /* the positions each slot's cache holds */
+    float *logits; /* each slot's latest logits (n_slots, vocab_size) */
+    float *out;    /* a step's logits, by row, on their way to their slots (rows, vocab_size) */
+};
+
+L2Batch *l2_batch_new(L2Model *m, int max_seqs, char *err) {
+    if (max_seqs < 1) {
+        set_err(err, "a batch needs at least one slot, not %d", max_seqs);
+        return NULL;
+    }
+    L2Batch *b = calloc(1, sizeof(L2Batch));
+    if (!b) {
+        set_err(err, "out of memory");
+        return NULL;
+    }
+    const L2Config *c = &m->cfg;
+    size_t vocab = c->vocab_size, rows = max_seqs < batch_rows(c) ? max_seqs : batch_rows(c);
+    b->m = m;
+    b->n_slots = max_seqs;
+    b->kv = calloc(max_seqs, sizeof(KVCache));
+    b->held = calloc(max_seqs, sizeof(int));
+    b->logits = calloc(max_seqs * vocab, sizeof(float));
+    b->out = malloc(rows * vocab * sizeof(float));
+    int ok = b->kv && b->held && b->logits && b->out;
+    for (int i = 0; ok && i < max_seqs; i++) ok = alloc_kv(&b->kv[i], c);
+    if (!ok) {
+        set_err(err, "out of memory for %d sequences' KV caches", max_seqs);
+        l2_batch_free(b);
+        return NULL;
+    }
+    return b;
+}
+
+void l2_batch_free(L2Batch *b) {
+    if (!b) return;
+    for (int i = 0; b->kv && i < b->n_slots; i++) free_kv(&b->kv[i]);
+    free(b->kv);
+    free(b->held);
+    free(b->logits);
+    free(b->out);
+    free(b);
+}
+
+/* Whether slot exists and its cache holds positions 0..pos-1 (pos >= 0: check_range's). */
+static int check_slot(const L2Batch *b, int slot, int pos, char *err) {
+    if (slot < 0 || slot >= b->n_slots) {
+        set_err(err, "slot %d is out of range (%d slots)", slot, b->n_slots);
+        return 0;
+    }
+    if (pos > b->held[slot]) {
+        set_err(err, "slot %d holds %d positions: position %d would leave a gap", slot, b->held[slot], pos);
+        return 0;
+    }
+    return 1;
+}
+
+int l2_batch_prefill(L2Batch *b, int slot, const int *ids, int n, int pos, char *err) {
+    if (!ids || n < 1) {
+        set_err(err, "prefill needs at least one token");
+        return -1;
+    }
+    if (!check_range(b->m, ids, n, pos, err) || !check_slot(b, slot, pos, err)) return -1;
+    prefill(b->m, &b->kv[slot], ids, n, pos, NULL, b->logits + (size_t)slot * b->m->cfg.vocab_size);
+    b->held[slot] = pos + n;
+    return 0;
+}
+
+int l2_batch_step(L2Batch *b, const int *slots, const int *tokens, const int *positions, int n,
+                  char *err) {
+    if (!slots || !tokens || !positions || n < 1) {
+        set_err(err, "a step needs at least one sequence");
+        return -1;
+    }
+    for (int i = 0; i < n; i++) { /* all of them before any runs */
+        if (!check_range(b->m, &tokens[i], 1, positions[i], err) || !check_slot(b, slots[i], positions[i], err))
+            return -1;
+        for (int j = 0; j < i; j++) {
+            if (slots[j] == slots[i]) {
+                set_err(err, "slot %d is in the step twice", slots[i]);
+                return -1;
+            }
+        }
+    }
+    L2Model *m = b->m;
     size_t vocab = m->cfg.vocab_size;
+    Span spans[PREFILL_CHUNK];
     for (int done = 0; done < n;) {
-        int T = n - done < PREFILL_CHUNK ? n - done : PREFILL_CHUNK;
-        if (all_logits)
-            forward_batch(m, tokens + done, T, pos + done, 0, all_logits + done * vocab);
-        else /* only the last token's logits: the classifier is the biggest matmul */
-            forward_batch(m, tokens + done, T, pos + done, done + T == n ? T - 1 : T,
-                          m->s.logits);
+        int T = n - done < batch_rows(&m->cfg) ? n - done : batch_rows(&m->cfg);
+        for (int t = 0; t < T; t++)
+            spans[t] = (Span){&b->kv[slots[done + t]], positions[done + t], t, t + 1};
+        forward_batch(m, tokens + done, T, spans, T, 0, b->out);
+        for (int t = 0; t < T; t++) {
+            int slot = slots[done + t];
+            memcpy(b->logits + slot * vocab, b->out + t * vocab, vocab * sizeof(float));
+            b->held[slot] = positions[done + t] + 1;
+        }
         done += T;
     }
-    if (all_logits) memcpy(m->s.logits, all_logits + (n - 1) * vocab, vocab * sizeof(float));
-    return m->s.logits;
+    return 0;
+}
+
+const float *l2_batch_logits(const L2Batch *b, int slot) {
+    return slot >= 0 && slot < b->n_slots ? b->logits + (size_t)slot * b->m->cfg.vocab_size : NULL;
 }

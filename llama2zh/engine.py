@@ -238,6 +238,47 @@ class CModel:
                                  seed=seed)[0]
 
 
+class CBatch:
+    """l2_batch: up to max_seqs independent sequences of one model, each in a slot with its own KV cache,
+    advanced together one token each (each weight read once per step for all of them). The model's calls and
+    the batch's must not overlap (they share its buffers)."""
+
+    def __init__(self, model: CModel, max_seqs: int):
+        err = _err_buffer()
+        handle = lib().l2_batch_new(model._handle, max_seqs, err)
+        if handle == ffi.NULL:
+            _raise(err)
+        self.model, self.max_seqs = model, max_seqs  # the model outlives the batch
+        self._handle = ffi.gc(handle, lib().l2_batch_free)
+        self._err = _err_buffer()
+
+    def prefill(self, slot: int, tokens: list[int], pos: int = 0) -> np.ndarray:
+        """tokens at positions pos.. of the sequence in slot (its cache must hold 0..pos-1): a new prompt at
+        pos 0, or a chunk of one. Returns the last token's logits (float32, shape (vocab,))."""
+        if lib().l2_batch_prefill(self._handle, slot, ffi.new("int[]", list(map(int, tokens))), len(tokens), pos,
+                                  self._err) < 0:
+            _raise(self._err)
+        return self.logits(slot)
+
+    def step(self, slots: list[int], tokens: list[int], positions: list[int]) -> np.ndarray:
+        """One token for each of the sequences in slots (distinct), tokens[i] at positions[i] in slots[i].
+        Returns their logits (float32, shape (len(slots), vocab)), in the order of slots."""
+        if not len(slots) == len(tokens) == len(positions):
+            raise EngineError("a step needs as many tokens and positions as slots")
+        c_slots = ffi.new("int[]", list(map(int, slots)))
+        if lib().l2_batch_step(self._handle, c_slots, ffi.new("int[]", list(map(int, tokens))),
+                               ffi.new("int[]", list(map(int, positions))), len(slots), self._err) < 0:
+            _raise(self._err)
+        return np.stack([self.logits(slot) for slot in slots])
+
+    def logits(self, slot: int) -> np.ndarray:
+        """The logits of the last token run in slot (float32, shape (vocab,))."""
+        logits = lib().l2_batch_logits(self._handle, slot)
+        if logits == ffi.NULL:
+            raise EngineError(f"slot {slot} is out of range ({self.max_seqs} slots)")
+        return np.frombuffer(ffi.buffer(logits, 4 * self.model.vocab_size), dtype=np.float32).copy()
+
+
 class CSampler:
     """l2_sampler: argmax, or seeded temperature / top-p draws; one keeps its random stream
     across generate_ids calls."""
