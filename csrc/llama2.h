@@ -66,9 +66,9 @@ int l2_model_set_threads(L2Model *m, int n_threads);
  * never reach stay untouched) and 2 * vocab_size floats of logits at most: 3.6 MiB for the
  * stories15M shape (seq_len 256, vocab 32000). A batch runs in its model's buffers, with its
  * threads: calls on a model and on its batches must not overlap, and the model must outlive
- * them. A slot's positions must run in order: a call at position pos needs the slot's cache
- * to hold 0..pos-1 (a sequence starts over at 0; pos below what it holds overwrites the
- * rest). Errors leave every slot as it was. */
+ * them. A slot's positions run in order: a call at position pos needs the slot's cache to
+ * hold 0..pos-1 (pos 0 starts a new sequence; any pos below what it holds drops the positions
+ * from pos on). Errors leave every slot as it was. */
 typedef struct L2Batch L2Batch;
 
 L2Batch *l2_batch_new(L2Model *m, int max_seqs, char *err);

@@ -269,22 +269,30 @@ class CBatch:
         if lib().l2_batch_step(self._handle, c_slots, ffi.new("int[]", list(map(int, tokens))),
                                ffi.new("int[]", list(map(int, positions))), len(slots), self._err) < 0:
             _raise(self._err)
-        return np.stack([self.logits(slot) for slot in slots])
+        return np.stack([self._view(slot) for slot in slots])  # one copy
 
     def logits(self, slot: int) -> np.ndarray:
         """The logits of the last token run in slot (float32, shape (vocab,))."""
+        return self._view(slot).copy()
+
+    def _view(self, slot: int) -> np.ndarray:
+        """The slot's logits in C memory, valid until the slot runs again."""
         logits = lib().l2_batch_logits(self._handle, slot)
         if logits == ffi.NULL:
             raise EngineError(f"slot {slot} is out of range ({self.max_seqs} slots)")
-        return np.frombuffer(ffi.buffer(logits, 4 * self.model.vocab_size), dtype=np.float32).copy()
+        return np.frombuffer(ffi.buffer(logits, 4 * self.model.vocab_size), dtype=np.float32)
 
 
 class CSampler:
-    """l2_sampler: argmax, or seeded temperature / top-p draws; one keeps its random stream
-    across generate_ids calls."""
+    """l2_sampler: argmax, or seeded temperature / top-p draws, after OpenAI's presence and
+    frequency penalties (counted per generate_ids call); one keeps its random stream across
+    generate_ids calls."""
 
-    def __init__(self, vocab_size: int, temperature: float = 0.0, topp: float = 0.9, seed: int = 1234):
+    def __init__(self, vocab_size: int, temperature: float = 0.0, topp: float = 0.9, seed: int = 1234,
+                 presence: float = 0.0, frequency: float = 0.0):
         handle = lib().l2_sampler_new(vocab_size, temperature, topp, seed)
         if handle == ffi.NULL:
             raise EngineError("cannot allocate the sampler")
         self._handle = ffi.gc(handle, lib().l2_sampler_free)
+        if lib().l2_sampler_set_penalties(self._handle, presence, frequency):
+            raise EngineError("cannot allocate the sampler's penalty counts")

@@ -383,3 +383,15 @@ def test_run_chat_penalties_equal_pytorch_s(run_bin, small, chat_models, presenc
     result = chat_run(run_bin, path, tok, "-y", SYSTEM, "-t", 0, "-n", STEPS, "-P", presence, "-F", frequency,
                       stdin=f"{USER_1}\n{USER_2}\n".encode())
     assert result.returncode == 0 and result.stdout == lines_of(sp, expected), result.stderr
+
+
+def test_binding_sampler_penalties_equal_pytorch_s(small, chat_models):
+    ct = small["chat"][2]
+    path, torch_model = chat_models["endless"]
+    ids = ct.render_chat([{"role": "user", "content": USER_1}])
+    sampler = CSampler(ct.vocab_size, presence=0.4, frequency=0.9)
+    got, _ = CModel(path).generate_ids(ids, max_new=STEPS, sampler=sampler)
+    assert got == torch_model.generate(ids, STEPS, presence_penalty=0.4, frequency_penalty=0.9)
+    assert got != CModel(path).generate_ids(ids, max_new=STEPS)[0]
+    again, _ = CModel(path).generate_ids(ids, max_new=STEPS, sampler=sampler)  # counts start again
+    assert again == got
