@@ -129,6 +129,16 @@ def cmd_import(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_serve(args, overrides: list[str]) -> int:
+    if args.slots < 1 or not 0 <= args.port <= 65535:
+        raise ConfigError("--slots must be at least 1 and --port in 0..65535")
+    try:
+        from llama2zh.serve.server import serve
+    except ImportError as e:
+        raise UserError(f"llama2zh serve needs the serve extra: pip install -e '.[serve]' ({e})") from None
+    return serve(args.target, args.tokenizer, args.host, args.port, args.slots, args.api_key)
+
+
 def cmd_verify(args, overrides: list[str]) -> int:
     from llama2zh.verify import run_verify
 
@@ -389,6 +399,17 @@ def build_parser() -> Parser:
                    "(needed for a model.bin; for a Hugging Face model, when it has none)")
     p.add_argument("--force", action="store_true", help="overwrite an existing checkpoint in out/RUN")
     p.set_defaults(func=cmd_import)
+
+    p = commands.add_parser("serve", help="an OpenAI-compatible server over the C engine, batching requests",
+                            description="GET /v1/models, POST /v1/completions and /v1/chat/completions (streaming "
+                            "or not), GET /health. Requests share the engine's decode steps, up to --slots at once.")
+    p.add_argument("target", type=Path, metavar="out/RUN|model.bin")
+    p.add_argument("--tokenizer", type=Path, metavar="FILE", help="tokenizer.bin, for a bare model.bin")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--api-key", help="require `Authorization: Bearer KEY` (default: no key)")
+    p.set_defaults(func=cmd_serve)
 
     p = commands.add_parser("verify", help="check that PyTorch and the C engine agree")
     p.add_argument("target", type=Path, metavar="out/RUN|model.bin")

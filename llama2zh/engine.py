@@ -293,6 +293,39 @@ class CSampler:
         handle = lib().l2_sampler_new(vocab_size, temperature, topp, seed)
         if handle == ffi.NULL:
             raise EngineError("cannot allocate the sampler")
+        self.vocab_size = vocab_size
         self._handle = ffi.gc(handle, lib().l2_sampler_free)
         if lib().l2_sampler_set_penalties(self._handle, presence, frequency):
             raise EngineError("cannot allocate the sampler's penalty counts")
+
+    def sample(self, logits: np.ndarray) -> int:
+        """l2_sample: the next token from one position's logits (counted for the penalties); logits stay as
+        they were (l2_sample overwrites a copy)."""
+        buffer = np.array(logits, dtype=np.float32)
+        if buffer.shape != (self.vocab_size,):
+            raise EngineError(f"sample needs {self.vocab_size} logits, not shape {buffer.shape}")
+        return lib().l2_sample(self._handle, ffi.cast("float *", ffi.from_buffer(buffer)))
+
+
+class CDecoder:
+    """l2_decode_step: the text of one id at a time as whole UTF-8 characters (a character split across byte
+    pieces comes out with its last byte), for streaming; the pieces add up to CTokenizer.decode. Only reads
+    the tokenizer, so a decoder may run in another thread than the tokenizer's encode calls."""
+
+    def __init__(self, tokenizer: CTokenizer):
+        self.tokenizer = tokenizer
+        self._state = ffi.new("L2Decoder *")
+        lib().l2_decoder_init(self._state)
+        self._out = ffi.new("char[]", lib().l2_decode_bound(tokenizer._handle))
+        self._err = _err_buffer()
+
+    def step(self, id: int) -> str:
+        n = lib().l2_decode_step(self.tokenizer._handle, self._state, id, self._out, self._err)
+        if n < 0:
+            _raise(self._err)
+        return ffi.buffer(self._out, n)[:].decode("utf-8")
+
+    def finish(self) -> str:
+        """What is still pending (bytes that never formed a character, as U+FFFD)."""
+        n = lib().l2_decode_finish(self.tokenizer._handle, self._state, self._out)
+        return ffi.buffer(self._out, n)[:].decode("utf-8")
