@@ -136,3 +136,4 @@ bench: venv run lib
 	$(VPY) -m llama2zh.bench_train
 	$(VPY) -m llama2zh.bench_pretokenize
 	$(VPY) -m llama2zh.bench_translate
+	$(VPY) -m llama2zh.bench_serve

@@ -314,7 +314,7 @@ def test_sigterm_stops_the_server_and_exits_0(files):
                                str(tokenizer), "--port", "0", "--slots", "2"], stderr=subprocess.PIPE, text=True)
     try:
         line = server.stderr.readline()
-        url = "http://127.0.0.1:" + re.search(r"127\.0\.0\.1:(\d+)/v1", line).group(1)
+        url = "http://127.0.0.1:" + re.search(r"127\.0\.0\.1:(\d+)/", line).group(1)
         assert request(url, "GET", "/health")[2]["status"] == "ok"
         reply = client(url).completions.create(model="endless", prompt="a", max_tokens=100, stream=True)
         server.send_signal(signal.SIGTERM)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible HTTP server over the C engine: GET /v1/models, POST /v1/completions and
-/v1/chat/completions (whole, or streamed token by token as server-sent events), GET /health.
+/v1/chat/completions (whole, or streamed token by token as server-sent events), GET /health, and at / a web
+page (static/: plain HTML, JS and CSS, no build step, nothing fetched from elsewhere) that talks to them.
 
 Why this shape: the event loop (aiohttp) only parses, validates and streams. Prompts are tokenized in one
 worker thread and all model work happens in the scheduler's thread, so neither blocks the loop, and the
@@ -32,6 +33,12 @@ MAX_BODY = 1 << 20  # bytes; a bigger request body gets 413
 WAITING_PER_SLOT = 16  # requests that may wait for a slot, per slot; past them: 503
 SHUTDOWN_S = 3.0  # how long in-flight responses get to end once the server stops
 NUMBER = (int, float)
+STATIC = Path(__file__).parent / "static"  # the web page's files
+
+
+def reply(data: dict, **kwargs) -> web.Response:
+    """A JSON response with Chinese as it is (as the stream sends it), not as \\u escapes."""
+    return web.json_response(data, dumps=lambda o: json.dumps(o, ensure_ascii=False), **kwargs)
 
 
 class APIError(Exception):
@@ -44,8 +51,8 @@ class APIError(Exception):
 
     def response(self) -> web.Response:
         headers = {"Retry-After": "1"} if self.status == 503 else None
-        return web.json_response({"error": {"message": str(self), "type": self.kind, "param": self.param,
-                                            "code": self.code}}, status=self.status, headers=headers)
+        return reply({"error": {"message": str(self), "type": self.kind, "param": self.param,
+                                "code": self.code}}, status=self.status, headers=headers)
 
 
 def field(body: dict, name: str, kinds: tuple, default, ok=lambda value: True, what: str = ""):
@@ -101,6 +108,8 @@ class API:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self.errors])
+        app.router.add_get("/", self.page)
+        app.router.add_static("/static/", STATIC)
         app.router.add_get("/health", self.health)
         app.router.add_get("/v1/models", self.models)
         app.router.add_post("/v1/completions", self.completions)
@@ -124,11 +133,16 @@ class API:
                 raise
             return APIError(e.status, e.reason).response()
 
+    async def page(self, request: web.Request) -> web.FileResponse:
+        return web.FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
+
     async def health(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "ok", "model": self.name, **self.scheduler.load()})
+        """The load, and what the page needs: whether the model chats, and its context."""
+        return reply({"status": "ok", "model": self.name, "chat": self.tokenizer.chat_ids is not None,
+                      "context": self.seq_len, **self.scheduler.load()})
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [
+        return reply({"object": "list", "data": [
             {"id": self.name, "object": "model", "created": 0, "owned_by": "llama2zh"}]})
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
@@ -214,9 +228,9 @@ class API:
             raise APIError(503, event[1], kind="server_error")
         text = "".join(parts)
         choice = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        return web.json_response({**head, "object": "chat.completion" if chat else "text_completion",
-                                  "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": event[1]}],
-                                  "usage": usage(n_prompt, event[2])})
+        return reply({**head, "object": "chat.completion" if chat else "text_completion",
+                      "choices": [{"index": 0, **choice, "logprobs": None, "finish_reason": event[1]}],
+                      "usage": usage(n_prompt, event[2])})
 
     async def stream(self, request: web.Request, events: asyncio.Queue, chat: bool, head: dict, n_prompt: int,
                      include_usage: bool) -> web.StreamResponse:
@@ -301,7 +315,8 @@ def serve(target: Path, tokenizer: Path | None, host: str, port: int, slots: int
 
     async def main() -> None:
         runner, bound = await start(api, host, port)
-        print(f"llama2zh serve: {api.name} at http://{host}:{bound}/v1 ({slots} slots); Ctrl-C stops",
+        print(f"llama2zh serve: {api.name} at http://{host}:{bound}/ (the web page; the API under /v1), {slots} slots; "
+              "Ctrl-C stops",
               file=sys.stderr, flush=True)
         stopping = asyncio.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
