@@ -218,6 +218,15 @@ def cmd_download(args, overrides: list[str]) -> int:
               f"{', '.join(f'{task} {n}' for task, n in train['tasks'].items())}; {train['with_system']:,} with a "
               f"system prompt) and val.jsonl ({val['conversations']:,}, on held-out character/place/task combinations)")
         return 0
+    if args.what == "sample-dpo":
+        from llama2zh.corpus.sample_dpo import write_sample_dpo
+
+        stats = write_sample_dpo(dest / "sample-dpo")
+        train, val = stats["train"], stats["val"]
+        print(f"wrote {dest / 'sample-dpo'}: train.jsonl ({train['pairs']:,} pairs, rejected replies: "
+              f"{', '.join(f'{kind} {n}' for kind, n in train['kinds'].items())}) and val.jsonl ({val['pairs']:,}, "
+              "on prompts train never has)")
+        return 0
     if args.what == "sample":
         from llama2zh.corpus.sample import write_sample
 
@@ -417,7 +426,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_verify)
 
     p = commands.add_parser("download", help="the built-in sample corpus, TinyStories (en, zh) or a tokenizer")
-    p.add_argument("what", choices=("sample", "sample-sft", "tinystories", "tinystories-zh", "tokenizer", "model"))
+    p.add_argument("what", choices=("sample", "sample-sft", "sample-dpo", "tinystories", "tinystories-zh", "tokenizer",
+                                    "model"))
     p.add_argument("name", nargs="?", help="the tokenizer's name (tokenizers/registry.json) or the model's "
                    "(download model --list)")
     p.add_argument("--list", action="store_true", help="download model: the published models it knows")

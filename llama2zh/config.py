@@ -15,6 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
+from llama2zh.lora import TARGETS as LORA_TARGETS
 from llama2zh.model import ModelArgs, llama_hidden_dim
 
 
@@ -43,6 +44,11 @@ class Config:
     lang: str = "enzh"  # the mix pretokenize was run with: en, zh, or enzh (both sides of parallel stories)
     # sft (and continued pretraining): the run directory whose weights training starts from
     init_from: str = ""
+    # LoRA (on init_from): train only low-rank adapters on the frozen base; 0: train every weight
+    lora_rank: int = 0
+    lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
+    lora_dropout: float = 0.0  # on the adapters' input, in training
+    lora_targets: str = ",".join(LORA_TARGETS)  # the projections adapted (attention and feed-forward)
     # training
     out_dir: str = "out/sample"
     batch_size: int = 32  # sequences per micro-batch (per process)
@@ -71,6 +77,26 @@ class Config:
         for key in ("batch_size", "grad_accum", "max_iters", "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
+        self._check_lora()
+
+    def _check_lora(self):
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be 0 (off) or positive, got {self.lora_rank}")
+        if self.lora_alpha <= 0:
+            raise ConfigError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = self.lora_target_list
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets or len(set(targets)) != len(targets):
+            raise ConfigError(f"lora_targets must be a comma list of distinct names among {','.join(LORA_TARGETS)}, "
+                              f"got '{self.lora_targets}'")
+        if self.lora_rank and not self.init_from:
+            raise ConfigError("lora_rank > 0 trains adapters on a frozen base: set init_from to the run to start from")
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def model_args(self, vocab_size: int) -> ModelArgs:
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from llama2zh.chat import CHAT_PIECES, TEMPLATE, add_chat_pieces, message_pieces
+from llama2zh.chat import CHAT_PIECES, TEMPLATE, add_chat_pieces, chat_piece_ids, message_pieces
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.config import Config
 from llama2zh.corpus.conversations import Malformed, ReadReport, read_conversations
@@ -83,6 +84,20 @@ def split_files(dataset: Path) -> dict[str, list[Path]]:
     return splits
 
 
+def write_split(out_dir: Path, split: str, report: ReadReport, ids_chunks: list, mask_chunks: list,
+                dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Prints what report skipped; writes out_dir/{split}.bin (the ids) and .mask (a byte per id)."""
+    if report.summary():
+        for problem in report.problems:
+            print(f"warning: {problem}")
+        print(f"{split}: {report.summary()}")
+    ids = np.concatenate(ids_chunks) if ids_chunks else np.zeros(0, dtype=dtype)
+    mask = np.concatenate(mask_chunks) if mask_chunks else np.zeros(0, dtype=np.uint8)
+    atomic_write_bytes(out_dir / f"{split}.bin", [ids.tobytes()])
+    atomic_write_bytes(out_dir / f"{split}.mask", [mask.tobytes()])
+    return ids, mask
+
+
 def tokenize_split(sp, files: list[Path], out_dir: Path, split: str, limit: int, dtype: str,
                    strict: bool) -> dict:
     """Writes out_dir/{split}.bin and .mask; returns the split's manifest entry."""
@@ -96,14 +111,7 @@ def tokenize_split(sp, files: list[Path], out_dir: Path, split: str, limit: int,
             if ids:
                 ids_chunks.append(np.asarray(ids, dtype=dtype))
                 mask_chunks.append(np.asarray(trained, dtype=np.uint8))
-    if report.summary():
-        for problem in report.problems:
-            print(f"warning: {problem}")
-        print(f"{split}: {report.summary()}")
-    ids = np.concatenate(ids_chunks) if ids_chunks else np.zeros(0, dtype=dtype)
-    mask = np.concatenate(mask_chunks) if mask_chunks else np.zeros(0, dtype=np.uint8)
-    atomic_write_bytes(out_dir / f"{split}.bin", [ids.tobytes()])
-    atomic_write_bytes(out_dir / f"{split}.mask", [mask.tobytes()])
+    ids, mask = write_split(out_dir, split, report, ids_chunks, mask_chunks, dtype)
     return {"conversations": len(ids_chunks), "tokens": int(ids.size), "trained_tokens": int(mask.sum()),
             "malformed": report.skipped, "problems": report.problems, "formats": report.formats,
             **{how: counts[how] for how in ("truncated", "cut", "dropped")}}
@@ -111,6 +119,14 @@ def tokenize_split(sp, files: list[Path], out_dir: Path, split: str, limit: int,
 
 def tokenize_conversations(dataset: Path, tokenizer_model: Path, max_seq_len: int, strict: bool = False) -> Path:
     """The dataset's conversations as token shards for this tokenizer (made once, reused after)."""
+    return tokenize_dataset(dataset, tokenizer_model, max_seq_len, strict, "chat", tokenize_split)
+
+
+def tokenize_dataset(dataset: Path, tokenizer_model: Path, max_seq_len: int, strict: bool, prefix: str,
+                     tokenize: Callable) -> Path:
+    """DATASET/{prefix}-<sha>/: each split of the dataset's files as tokenize(sp, files, out_dir,
+    split, max_seq_len + 1, dtype, strict) writes it, which returns the split's manifest entry
+    (with its "problems"); made once for these sources, tokenizer and max_seq_len, reused after."""
     import sentencepiece as spm
 
     splits = split_files(dataset)
@@ -122,7 +138,7 @@ def tokenize_conversations(dataset: Path, tokenizer_model: Path, max_seq_len: in
               "dtype": "uint16" if sp.vocab_size() <= 1 << 16 else "uint32", "max_seq_len": max_seq_len,
               "template": TEMPLATE,
               "sources": {p.name: sha256_file(p) for files in splits.values() for p in files}}
-    out_dir = dataset / f"chat-{hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:12]}"
+    out_dir = dataset / f"{prefix}-{hashlib.sha256(json.dumps(header, sort_keys=True).encode()).hexdigest()[:12]}"
     if (out_dir / "manifest.json").exists():
         manifest = json.loads((out_dir / "manifest.json").read_text(encoding="utf-8"))
         problems = [p for split in manifest["splits"].values() for p in split["problems"]]
@@ -131,7 +147,7 @@ def tokenize_conversations(dataset: Path, tokenizer_model: Path, max_seq_len: in
         return out_dir
     out_dir.mkdir(exist_ok=True)
     dtype = "<u2" if header["dtype"] == "uint16" else "<u4"
-    manifest = {**header, "splits": {split: tokenize_split(sp, files, out_dir, split, max_seq_len + 1, dtype, strict)
+    manifest = {**header, "splits": {split: tokenize(sp, files, out_dir, split, max_seq_len + 1, dtype, strict)
                                      for split, files in splits.items()}}
     with atomic_output(out_dir / "manifest.json") as tmp:  # last: marks the shards complete
         tmp.write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -152,21 +168,31 @@ def pack(lengths: list[int], capacity: int) -> list[list[int]]:
     return rows
 
 
+def read_shards(directory: Path, seq_len: int) -> tuple[dict, dict[str, tuple[np.ndarray, np.ndarray, list]]]:
+    """What tokenize_dataset wrote: its manifest, and per split (ids, mask, spans), spans the
+    (start, length) of each sequence (each begins with BOS), in the order written."""
+    manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    if manifest["max_seq_len"] != seq_len:
+        raise UserError(f"{directory} was made for max_seq_len {manifest['max_seq_len']}, not {seq_len}")
+    dtype = "<u2" if manifest["dtype"] == "uint16" else "<u4"
+    splits = {}
+    for split in ("train", "val"):
+        ids = np.fromfile(directory / f"{split}.bin", dtype=dtype)
+        mask = np.fromfile(directory / f"{split}.mask", dtype=np.uint8)
+        starts = np.flatnonzero(ids == manifest["bos_id"])
+        splits[split] = (ids, mask, list(zip(starts.tolist(), np.diff(np.append(starts, ids.size)).tolist(),
+                                             strict=True)))
+    return manifest, splits
+
+
 class ConversationShards:
     """Batches of packed conversations: inputs, targets (-1 where not trained on), segments."""
 
     def __init__(self, directory: Path, seq_len: int):
-        self.manifest = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
-        if self.manifest["max_seq_len"] != seq_len:
-            raise UserError(f"{directory} was made for max_seq_len {self.manifest['max_seq_len']}, not {seq_len}")
-        dtype = "<u2" if self.manifest["dtype"] == "uint16" else "<u4"
+        self.manifest, splits = read_shards(directory, seq_len)
         self.capacity = seq_len + 1
         self.splits = {}
-        for split in ("train", "val"):
-            ids = np.fromfile(directory / f"{split}.bin", dtype=dtype)
-            mask = np.fromfile(directory / f"{split}.mask", dtype=np.uint8)
-            starts = np.flatnonzero(ids == self.manifest["bos_id"])
-            spans = list(zip(starts.tolist(), np.diff(np.append(starts, ids.size)).tolist(), strict=True))
+        for split, (ids, mask, spans) in splits.items():
             rows = [[spans[i] for i in row] for row in pack([n for _, n in spans], self.capacity)]
             self.splits[split] = (ids, mask, rows)
         if not self.splits["train"][2]:
@@ -232,7 +258,10 @@ def sft_trainer(config: Config, resume: bool = True, strict: bool = False) -> Tr
     run_info = {"stage": "sft", "base_run": str(base_run), "base_step": base_state["step"],
                 "base_tokenizer_sha256": base_state["tokenizer_sha256"], "chat_pieces_added": added,
                 "chat_pieces": list(CHAT_PIECES), "chat_template": TEMPLATE}
-    return Trainer(config, data, model, sha256_file(tokenizer_model), resume, run_info)
+    import sentencepiece as spm
+
+    chat_ids = chat_piece_ids(spm.SentencePieceProcessor(model_file=str(tokenizer_model))) or ()
+    return Trainer(config, data, model, sha256_file(tokenizer_model), resume, run_info, trained_rows=chat_ids)
 
 
 def sft(config: Config, resume: bool = True, strict: bool = False) -> Path:

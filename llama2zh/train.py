@@ -6,6 +6,8 @@ torch.compile, seeded data order. A NaN or infinite loss stops the run with a cl
 and leaves the last good checkpoint in place. Checkpoints are atomic and hold everything a
 resumed run needs to continue exactly (model, optimizer, scaler, step, data generator);
 Ctrl-C saves one and exits cleanly. Each evaluation appends to metrics.jsonl.
+With lora_rank > 0 (on init_from) the model is frozen and only LoRA adapters (lora.py) are
+optimized and saved, with the base checkpoint's sha256, which a resume checks.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from llama2zh.checkpoint import load_checkpoint, save_checkpoint
+from llama2zh.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from llama2zh.config import Config
 from llama2zh.corpus.dataset import TokenShards
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, sha256_file
+from llama2zh.lora import apply_lora, load_lora_state_dict
 from llama2zh.model import Transformer
 
 
@@ -107,7 +110,8 @@ class Trainer:
     directory records besides (run_info, saved in every checkpoint)."""
 
     def __init__(self, config: Config, data, model: Transformer, tokenizer_sha256: str, resume: bool,
-                 run_info: dict | None = None):
+                 run_info: dict | None = None, trained_rows: list[int] = ()):
+        """trained_rows: token ids whose embedding rows LoRA trains too (sft: the chat pieces)."""
         self.c = c = config
         self.dist = Distributed("cuda" if c.device != "cpu" and torch.cuda.is_available() else "cpu")
         self.device = pick_device(c, self.dist)
@@ -116,7 +120,9 @@ class Trainer:
         self.run_dir = Path(c.out_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data, self.model = data, model
-        self.tokenizer_sha256, self.run_info = tokenizer_sha256, run_info or {}
+        self.tokenizer_sha256, self.run_info = tokenizer_sha256, dict(run_info or {})
+        if c.lora_rank:
+            self.run_info["lora"] = self._attach_lora(sorted(trained_rows))
         self.model.to(self.device)
         self.optimizer = make_optimizer(self.model, c, fused=self.device.type == "cuda")
         self.dtype = compute_dtype(c, self.device)
@@ -124,6 +130,7 @@ class Trainer:
             print(f"this GPU has no bfloat16: training in {self.dtype} with a gradient scaler")
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.data_rng = torch.Generator().manual_seed(c.seed)
+        torch.manual_seed(c.seed + self.dist.rank)  # the global generator: dropout's draws (LoRA)
         self.step, self.best_val = 0, math.inf
         if resume and (self.run_dir / "ckpt.pt").exists():
             self._restore(self.run_dir / "ckpt.pt")
@@ -132,14 +139,49 @@ class Trainer:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
                 self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
+    def _attach_lora(self, rows: list[int]) -> dict:
+        """Freezes the model and adds the config's adapters; what the run records of them and its base."""
+        c = self.c
+        base = Path(c.init_from) / "ckpt.pt"
+        apply_lora(self.model, c.lora_rank, c.lora_alpha, c.lora_dropout, c.lora_target_list, rows,
+                   torch.Generator().manual_seed(c.seed))
+        trained = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters() if not p.requires_grad)  # the model's own
+        if self.dist.main:
+            also = f" and the rows of token ids {rows}" if rows else ""
+            print(f"LoRA rank {c.lora_rank} on {c.lora_targets}{also}: {trained:,} trainable parameters "
+                  f"of {total:,} ({trained / total:.1%}), the rest frozen")
+        return {"rank": c.lora_rank, "alpha": c.lora_alpha, "dropout": c.lora_dropout, "targets": c.lora_target_list,
+                "rows": rows, "trainable_parameters": trained, "base_run": c.init_from,
+                "base_ckpt": os.path.relpath(base.resolve(), self.run_dir.resolve()), "base_sha256": sha256_file(base)}
+
     def _restore(self, path: Path) -> None:
-        model, state = load_checkpoint(path)
+        state = read_checkpoint(path)
         if state["tokenizer_sha256"] != self.tokenizer_sha256:
             raise UserError(f"{path} was trained with another tokenizer; start a new out_dir")
-        self.model.load_state_dict(model.state_dict())
+        saved, lora = state["run_info"].get("lora"), self.run_info.get("lora")
+        if bool(saved) != bool(lora):
+            raise UserError(f"{path} holds {'LoRA adapters' if saved else 'a fully trained model'}, the config asks "
+                            f"for lora_rank = {self.c.lora_rank}: resume as it began, or start a new out_dir")
+        if lora:
+            if saved["base_sha256"] != lora["base_sha256"]:
+                raise UserError(f"{path}: its LoRA base {self.c.init_from}/ckpt.pt has changed since the run began "
+                                f"(sha256 {saved['base_sha256'][:12]}..., now {lora['base_sha256'][:12]}...); "
+                                "restore that base or start a new out_dir")
+            changed = [k for k in ("rank", "alpha", "targets", "rows") if saved[k] != lora[k]]
+            if changed:
+                raise UserError(f"{path}: LoRA {changed[0]} was {saved[changed[0]]}, the config says "
+                                f"{lora[changed[0]]}: resume as it began, or start a new out_dir")
+            load_lora_state_dict(self.model, {k: v.to(self.device) for k, v in state["model"].items()})
+        else:
+            self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"]["adamw"])
         self.scaler.load_state_dict(state["optimizer"]["scaler"])
         self.data_rng.set_state(state["optimizer"]["data_rng"])
+        if "torch_rng" in state["optimizer"]:  # dropout's draws (LoRA)
+            torch.set_rng_state(state["optimizer"]["torch_rng"])
+            if self.device.type == "cuda" and state["optimizer"].get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["optimizer"]["cuda_rng"], self.device)
         self.step = state["step"]
         self.best_val = state["optimizer"]["best_val"]
         self._forget_metrics_after(self.step)
@@ -157,7 +199,9 @@ class Trainer:
         if not self.dist.main:
             return
         training_state = {"adamw": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                          "data_rng": self.data_rng.get_state(), "best_val": self.best_val}
+                          "data_rng": self.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+                          "best_val": self.best_val}
         save_checkpoint(self.run_dir / name, self.model, config=asdict(self.c),
                         tokenizer_sha256=self.tokenizer_sha256, step=self.step, optimizer=training_state,
                         run_info=self.run_info)
@@ -255,7 +299,7 @@ class Trainer:
 def peak_flops(device: torch.device) -> float:
     """FLOP/s of a large fp32 matmul on this device, measured: the yardstick for the MFU estimate."""
     n = 1024
-    a = torch.randn(n, n, device=device)
+    a = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(0))  # not the global one
     (a @ a).sum().item()  # warm up
     start = time.perf_counter()
     for _ in range(4):

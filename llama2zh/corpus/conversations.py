@@ -13,7 +13,7 @@ and counts them, or with strict=True stops at the first.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -96,6 +96,13 @@ class ReadReport:
 
 def read_conversations(path: Path, report: ReadReport, strict: bool = False) -> Iterator[list[dict]]:
     """The conversations of one .jsonl file, malformed records skipped (and counted in report)."""
+    return read_records(path, report, strict, detect_format, to_messages)
+
+
+def read_records(path: Path, report: ReadReport, strict: bool, detect: Callable, convert: Callable) -> Iterator:
+    """convert(record, form) of each record of one .jsonl file, the file's form detect(record) of
+    its first well-formed record; a Malformed record is skipped (and counted in report), or with
+    strict=True stops the reading, named by file and line."""
     form = None
     try:
         handle = open(path, "rb")
@@ -112,8 +119,8 @@ def read_conversations(path: Path, report: ReadReport, strict: bool = False) -> 
                     raise Malformed("not UTF-8") from None
                 except json.JSONDecodeError as e:
                     raise Malformed(f"not valid JSON ({e.msg})") from None
-                form = form or detect_format(record)
-                messages = to_messages(record, form)
+                form = form or detect(record)
+                value = convert(record, form)
             except Malformed as e:
                 where = f"{path}:{line_no}: {e}"
                 if strict:
@@ -124,4 +131,4 @@ def read_conversations(path: Path, report: ReadReport, strict: bool = False) -> 
                 continue
             report.read += 1
             report.formats[str(path)] = form
-            yield messages
+            yield value

@@ -294,8 +294,8 @@ def prompt_key(messages: list[dict]) -> str:
 
 
 # A conversation made: its (name, place, task) combination, its record, its estimated tokens,
-# and for qa_* the kind of question asked (a key of QUESTIONS), else None.
-Made = namedtuple("Made", "combo record tokens question")
+# for qa_* the kind of question asked (a key of QUESTIONS), else None, and the story it was made from.
+Made = namedtuple("Made", "combo record tokens question story")
 
 
 def _conversation(rng: random.Random, task: str, val: bool, taken: set | None) -> Made:
@@ -322,7 +322,7 @@ def _conversation(rng: random.Random, task: str, val: bool, taken: set | None) -
                 continue
             taken.add(prompt_key(messages))
         record = {"conversations": messages, "task": task, "lang": lang, "character": character, "answer": answer}
-        return Made(combo, record, tokens, question)
+        return Made(combo, record, tokens, question, story)
     raise UserError(f"could not make a {'val' if val else 'train'} {task} conversation in {MAX_TRIES} tries")
 
 
