@@ -281,6 +281,14 @@ def cmd_sft(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_dpo(args, overrides: list[str]) -> int:
+    from llama2zh.dpo import dpo
+
+    run_dir = dpo(load_config(args.config, overrides), resume=not args.no_resume, strict=args.strict)
+    print(f"preference-tuned {run_dir}: ckpt.pt, model.bin, tokenizer.bin (with the chat template), metrics.jsonl")
+    return 0
+
+
 def cmd_chat(args, overrides: list[str]) -> int:
     if args.render:
         import json
@@ -466,6 +474,16 @@ def build_parser() -> Parser:
     p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     p.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip them)")
     p.set_defaults(func=cmd_sft, takes_overrides=True)
+
+    p = commands.add_parser("dpo", help="preference-tune a chat run (DPO) on chosen/rejected reply pairs",
+                            description="Direct Preference Optimization from init_from (a chat-tuned run, also the "
+                            "frozen reference) on pairs (.jsonl: minimind's chosen/rejected conversations or TRL's "
+                            "prompt/chosen/rejected); dpo_beta and the rest in the config, --key=value overrides, "
+                            "lora_rank > 0 for LoRA. Resumes out_dir's checkpoint if there is one.")
+    p.add_argument("--config", type=Path, required=True, help="a TOML file in configs/, e.g. configs/sample_dpo.toml")
+    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
+    p.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip them)")
+    p.set_defaults(func=cmd_dpo, takes_overrides=True)
 
     p = commands.add_parser("chat", help="talk with a chat-tuned run (PyTorch), one line a turn",
                             description="Each line on standard input is a user turn; replies go to standard "

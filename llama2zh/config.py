@@ -49,6 +49,8 @@ class Config:
     lora_alpha: float = 16.0  # the adapters' output is scaled by lora_alpha / lora_rank
     lora_dropout: float = 0.0  # on the adapters' input, in training
     lora_targets: str = ",".join(LORA_TARGETS)  # the projections adapted (attention and feed-forward)
+    # dpo: the rewards' scale; higher keeps the policy nearer its reference (init_from)
+    dpo_beta: float = 0.1
     # training
     out_dir: str = "out/sample"
     batch_size: int = 32  # sequences per micro-batch (per process)
@@ -78,6 +80,8 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         self._check_lora()
+        if self.dpo_beta <= 0:
+            raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
 
     def _check_lora(self):
         if self.lora_rank < 0:

@@ -131,7 +131,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == "float16")
         self.data_rng = torch.Generator().manual_seed(c.seed)
         torch.manual_seed(c.seed + self.dist.rank)  # the global generator: dropout's draws (LoRA)
-        self.step, self.best_val = 0, math.inf
+        self.step, self.best_val, self.tokens_seen = 0, math.inf, 0
         if resume and (self.run_dir / "ckpt.pt").exists():
             self._restore(self.run_dir / "ckpt.pt")
         self.forward_model = torch.compile(self.model) if c.compile else self.model
@@ -210,6 +210,14 @@ class Trainer:
         batch = self.data.batch(split, self.c.batch_size, self.c.max_seq_len, rng, self.dist.rank, self.dist.world)
         return tuple(t if t is None else t.to(self.device) for t in batch)
 
+    def batch_tokens(self, batch) -> int:
+        """The tokens a micro-batch puts through the model (its inputs)."""
+        return batch[0].numel()
+
+    def reported(self, split: str) -> dict:
+        """What a stage reports beside its loss, over its batches of split since the last call (dpo: rewards)."""
+        return {}
+
     def loss(self, x, y, segments=None, model=None) -> torch.Tensor:
         """Mean cross-entropy over the targets that are trained on (not -1)."""
         with autocast_context(self.dtype, self.device):
@@ -233,6 +241,7 @@ class Trainer:
         total = 0.0
         for micro in range(self.c.grad_accum):
             batch = self.micro_batch("train", self.data_rng)
+            self.tokens_seen += self.batch_tokens(batch) * self.dist.world
             last = micro == self.c.grad_accum - 1
             sync = self.forward_model.no_sync() if self.dist.enabled and not last else nullcontext()
             with sync:
@@ -260,30 +269,32 @@ class Trainer:
     def run(self) -> None:
         """Trains to max_iters; on Ctrl-C finishes the step in flight, saves, raises KeyboardInterrupt."""
         c = self.c
-        tokens_per_step = c.batch_size * c.max_seq_len * c.grad_accum * self.dist.world
         flops_per_token = 6 * sum(p.numel() for p in self.model.parameters()) + \
             12 * c.n_layers * c.dim * c.max_seq_len
         peak = peak_flops(self.device)
         interrupted = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         bar = tqdm(total=c.max_iters, initial=self.step, unit="step", desc="train", disable=not self.dist.main)
-        started, window_tokens = time.perf_counter(), 0
+        started, self.tokens_seen = time.perf_counter(), 0
         try:
             while self.step < c.max_iters and not interrupted:
                 loss = self.train_step()
-                window_tokens += tokens_per_step
                 bar.update()
                 if self.step % c.log_interval == 0 or self.step == c.max_iters:
-                    rate = window_tokens / (time.perf_counter() - started)
+                    rate = self.tokens_seen / (time.perf_counter() - started)
                     mfu = rate * flops_per_token / peak
-                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
+                    extra = self.reported("train")
+                    bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in extra.items()},
+                                    tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
                     self.log({"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, c),
-                              "tokens_per_s": rate, "mfu": mfu})
-                    started, window_tokens = time.perf_counter(), 0
+                              "tokens_per_s": rate, "mfu": mfu, **extra})
+                    started, self.tokens_seen = time.perf_counter(), 0
                 if self.step % c.eval_interval == 0 or self.step == c.max_iters:
                     val = self.estimate_val_loss()
-                    self.log({"step": self.step, "val_loss": val})
-                    bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {val:.4f}")
+                    extra = {f"val_{k}": v for k, v in self.reported("val").items()}
+                    self.log({"step": self.step, "val_loss": val, **extra})
+                    bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {val:.4f}"
+                              + "".join(f", {k} {v:.3f}" for k, v in extra.items()))
                     if val < self.best_val:
                         self.best_val = val
                         self.save("best.pt")
