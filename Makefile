@@ -18,7 +18,7 @@ NATIVE  := $(shell $(CC) -march=native -x c -c /dev/null -o /dev/null 2>/dev/nul
 # OpenMP's idle worker threads may still be running its code; unmapping it under them crashes.
 SHARED  := -fPIC -shared -Wl,-z,nodelete
 
-.PHONY: run runportable lib venv test test-asan fuzz bench demo clean interop-table
+.PHONY: run runportable lib venv test test-asan fuzz bench demo demo-align clean interop-table
 
 run: csrc/run.c $(ENGINE_DEPS)
 	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) -o run csrc/run.c $(ENGINE_SRC) -lm
@@ -81,6 +81,19 @@ demo: venv run lib out/sample/model.bin out/sample-sft/model.bin
 	$(LLAMA2ZH) verify out/sample
 	printf '%s\n%s\n' "$(CHAT_1)" "$(CHAT_2)" | ./run out/sample-sft/model.bin -k out/sample-sft/tokenizer.bin -m chat -t 0
 	$(LLAMA2ZH) verify out/sample-sft
+
+# Alignment, after `make demo`'s chat run: DPO on the built-in preference pairs (out/sample-sft is
+# the start and the frozen reference), both runs evaluated side by side, and the same chat again.
+data/sample-dpo/.complete: | venv
+	$(LLAMA2ZH) download sample-dpo
+	touch $@
+
+out/sample-dpo/model.bin: out/sample-sft/model.bin data/sample-dpo/.complete configs/sample_dpo.toml
+	$(LLAMA2ZH) dpo --config configs/sample_dpo.toml
+
+demo-align: venv run lib out/sample-dpo/model.bin
+	$(LLAMA2ZH) eval out/sample-dpo
+	printf '%s\n%s\n' "$(CHAT_1)" "$(CHAT_2)" | ./run out/sample-dpo/model.bin -k out/sample-dpo/tokenizer.bin -m chat -t 0
 
 # The README's interop table: each export loaded by transformers, llama.cpp and ./run, measured
 # (needs the demo's out/sample-sft; builds llama.cpp once, like the tests).

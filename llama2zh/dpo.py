@@ -13,18 +13,16 @@ the NaN guard, checkpoints, metrics.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from llama2zh.checkpoint import load_checkpoint
 from llama2zh.config import Config
 from llama2zh.corpus.preferences import PreferenceShards, tokenize_preferences
 from llama2zh.errors import UserError
 from llama2zh.fileio import sha256_file
-from llama2zh.sft import chat_tokenizer
+from llama2zh.sft import start_from
 from llama2zh.train import Trainer, autocast_context, run_stage
 
 
@@ -80,20 +78,10 @@ class DPOTrainer(Trainer):
 
 
 def dpo_trainer(config: Config, resume: bool = True, strict: bool = False) -> DPOTrainer:
-    if not config.init_from:
-        raise UserError("dpo needs init_from: the chat-tuned run to start from (--init_from=out/RUN)")
-    base_run, run_dir = Path(config.init_from), Path(config.out_dir)
-    if base_run.resolve() == run_dir.resolve():
-        raise UserError(f"out_dir {run_dir} is init_from: dpo writes a new run directory")
-    base, state = load_checkpoint(base_run / "ckpt.pt")
+    base, state, config, tokenizer_model, _ = start_from(config, "dpo", "the chat-tuned run")
+    base_run = Path(config.init_from)
     if state.get("run_info", {}).get("stage") not in ("sft", "dpo"):
         raise UserError(f"init_from {base_run} is not a chat-tuned run: run llama2zh sft first")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer_model, _ = chat_tokenizer(base_run, run_dir)  # the chat run's, pieces and all
-    shape = base.args
-    config = replace(config, tokenizer=str(run_dir), dim=shape.dim, n_layers=shape.n_layers, n_heads=shape.n_heads,
-                     n_kv_heads=shape.n_kv_heads, hidden_dim=shape.hidden_dim,
-                     shared_classifier=shape.shared_classifier, norm_eps=shape.norm_eps)
     data = PreferenceShards(tokenize_preferences(Path(config.dataset), tokenizer_model, config.max_seq_len, strict),
                             config.max_seq_len)
     split = data.manifest["splits"]["train"]

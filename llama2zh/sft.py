@@ -32,6 +32,7 @@ from llama2zh.config import Config
 from llama2zh.corpus.conversations import Malformed, ReadReport, read_conversations
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, atomic_write_bytes, sha256_file
+from llama2zh.model import Transformer
 from llama2zh.train import Trainer, run_stage
 
 PAD = 0  # the id padding holds (never trained on, never attended to by a conversation)
@@ -234,12 +235,15 @@ class ConversationShards:
         return self.rows(split, which[rank * rows:(rank + 1) * rows].tolist())
 
 
-def sft_trainer(config: Config, resume: bool = True, strict: bool = False) -> Trainer:
+def start_from(config: Config, stage: str, what: str) -> tuple[Transformer, dict, Config, Path, int]:
+    """What a stage on init_from's weights (sft, dpo) begins with: init_from's model and checkpoint; the config
+    with its shape and with out_dir's tokenizer (init_from's, the chat pieces added when it lacks them); that
+    tokenizer's path, and how many pieces were added."""
     if not config.init_from:
-        raise UserError("sft needs init_from: the pretrained run directory to start from (--init_from=out/RUN)")
+        raise UserError(f"{stage} needs init_from: {what} to start from (--init_from=out/RUN)")
     base_run, run_dir = Path(config.init_from), Path(config.out_dir)
     if base_run.resolve() == run_dir.resolve():
-        raise UserError(f"out_dir {run_dir} is init_from: sft writes a new run directory")
+        raise UserError(f"out_dir {run_dir} is init_from: {stage} writes a new run directory")
     base, base_state = load_checkpoint(base_run / "ckpt.pt")
     run_dir.mkdir(parents=True, exist_ok=True)
     tokenizer_model, added = chat_tokenizer(base_run, run_dir)
@@ -247,6 +251,12 @@ def sft_trainer(config: Config, resume: bool = True, strict: bool = False) -> Tr
     config = replace(config, tokenizer=str(run_dir), dim=shape.dim, n_layers=shape.n_layers, n_heads=shape.n_heads,
                      n_kv_heads=shape.n_kv_heads, hidden_dim=shape.hidden_dim,
                      shared_classifier=shape.shared_classifier, norm_eps=shape.norm_eps)
+    return base, base_state, config, tokenizer_model, added
+
+
+def sft_trainer(config: Config, resume: bool = True, strict: bool = False) -> Trainer:
+    base, base_state, config, tokenizer_model, added = start_from(config, "sft", "the pretrained run directory")
+    base_run = Path(config.init_from)
     model = base.extended(added, config.max_seq_len)
     shards = tokenize_conversations(Path(config.dataset), tokenizer_model, config.max_seq_len, strict)
     data = ConversationShards(shards, config.max_seq_len)

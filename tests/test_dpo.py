@@ -18,8 +18,7 @@ from llama2zh.sft import sft
 from tests import test_sft
 from tests.conftest import ROOT
 from tests.test_cli import llama2zh
-from tests.test_sft import TINY, sft_config, story_conversations, write_jsonl
-from tests.test_train import losses
+from tests.test_sft import TINY, check_resume, sft_config, story_conversations, write_jsonl
 
 base = test_sft.base  # the fixture: a tiny pretrained run and conversations
 
@@ -110,16 +109,7 @@ def test_the_reference_stays_frozen_and_the_rewards_are_reported(chat):
 
 
 def test_a_resumed_dpo_run_repeats_the_uninterrupted_losses(chat):
-    straight = losses(dpo(dpo_config(chat, "straight")))
-    first = dpo_trainer(dpo_config(chat, "resumed"), resume=False)
-    early = {step: first.train_step() for step in range(1, 4)}
-    first.save()
-    second = dpo_trainer(dpo_config(chat, "resumed"), resume=True)
-    assert second.step == 3
-    second.run()
-    resumed = early | losses(chat / "out" / "resumed")
-    assert resumed.keys() == straight.keys() == set(range(1, TINY["max_iters"] + 1))
-    assert max(abs(resumed[step] - straight[step]) for step in straight) <= 1e-6, (resumed, straight)
+    check_resume(dpo, dpo_trainer, lambda name: dpo_config(chat, name))
 
 
 def test_dpo_with_lora_trains_only_the_adapters(chat):

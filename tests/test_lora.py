@@ -22,8 +22,7 @@ from llama2zh.train import pretraining_trainer, train
 from tests import test_sft
 from tests.conftest import ROOT, random_model
 from tests.test_cli import llama2zh
-from tests.test_sft import SFT_CONFIG, TINY, sft_config
-from tests.test_train import losses
+from tests.test_sft import SFT_CONFIG, TINY, check_resume, sft_config
 
 base = test_sft.base  # the fixture: a tiny pretrained run (tokenizer without the chat pieces), conversations
 
@@ -107,17 +106,7 @@ def test_merged_exports_equal_the_unmerged_lora_model(base, tmp_path):
 
 def test_a_resumed_lora_run_repeats_the_uninterrupted_losses(base):
     settings = dict(LORA, lora_dropout=0.1)  # dropout: the global generator must resume too
-    straight = losses(sft(sft_config(base, "lora-straight", **settings)))
-    first = sft_trainer(sft_config(base, "lora-resumed", **settings), resume=False)
-    early = {step: first.train_step() for step in range(1, 4)}
-    first.save()
-    torch.manual_seed(12345)  # whatever the process does in between
-    second = sft_trainer(sft_config(base, "lora-resumed", **settings), resume=True)
-    assert second.step == 3
-    second.run()
-    resumed = early | losses(base / "out" / "lora-resumed")
-    assert resumed.keys() == straight.keys() == set(range(1, 9))
-    assert max(abs(resumed[step] - straight[step]) for step in straight) <= 1e-6, (resumed, straight)
+    check_resume(sft, sft_trainer, lambda name: sft_config(base, f"lora-{name}", **settings))
 
 
 def test_a_changed_base_is_refused_on_resume_and_on_load(base, tmp_path):
