@@ -316,12 +316,12 @@ def cmd_eval(args, overrides: list[str]) -> int:
 
     from llama2zh.checkpoint import load_checkpoint
     from llama2zh.evaluate import evaluate, format_report
-    from llama2zh.evaluate_chat import evaluate_chat, format_chat_report, is_sft_run
+    from llama2zh.evaluate_chat import evaluate_chat, format_chat_report, is_chat_run
 
     if not (args.run_dir / "ckpt.pt").exists():
         raise UserError(f"{args.run_dir}: no ckpt.pt (train first)")
     model, state = load_checkpoint(args.run_dir / "ckpt.pt")
-    if is_sft_run(state):
+    if is_chat_run(state):
         report, text = evaluate_chat(args.run_dir, state, model), format_chat_report
     else:
         report, text = evaluate(args.run_dir, args.documents, (model, state)), format_report
@@ -466,24 +466,21 @@ def build_parser() -> Parser:
     p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
     p.set_defaults(func=cmd_train, takes_overrides=True)
 
-    p = commands.add_parser("sft", help="instruction-tune a pretrained run into a chat model",
-                            description="Train on conversations (.jsonl: native, ShareGPT or Alpaca) from "
-                            "init_from's weights, the loss on the assistant's replies only; any config field can "
-                            "be overridden with --key=value. Resumes out_dir's checkpoint if there is one.")
-    p.add_argument("--config", type=Path, required=True, help="a TOML file in configs/, e.g. configs/sample_sft.toml")
-    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
-    p.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip them)")
-    p.set_defaults(func=cmd_sft, takes_overrides=True)
-
-    p = commands.add_parser("dpo", help="preference-tune a chat run (DPO) on chosen/rejected reply pairs",
-                            description="Direct Preference Optimization from init_from (a chat-tuned run, also the "
-                            "frozen reference) on pairs (.jsonl: minimind's chosen/rejected conversations or TRL's "
-                            "prompt/chosen/rejected); dpo_beta and the rest in the config, --key=value overrides, "
-                            "lora_rank > 0 for LoRA. Resumes out_dir's checkpoint if there is one.")
-    p.add_argument("--config", type=Path, required=True, help="a TOML file in configs/, e.g. configs/sample_dpo.toml")
-    p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
-    p.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip them)")
-    p.set_defaults(func=cmd_dpo, takes_overrides=True)
+    for name, func, data, what in (("sft", cmd_sft, "conversations (.jsonl: native, ShareGPT or Alpaca)",
+                                     "the loss on the assistant's replies only"),
+                                    ("dpo", cmd_dpo, "preference pairs (.jsonl: minimind's chosen/rejected "
+                                     "conversations, TRL's prompt/chosen/rejected)", "Direct Preference "
+                                     "Optimization, init_from the frozen reference too (dpo_beta in the config)")):
+        p = commands.add_parser(name, help="instruction-tune a pretrained run into a chat model" if name == "sft"
+                                else "preference-tune a chat run (DPO) on chosen/rejected reply pairs",
+                                description=f"Train on {data} from init_from's weights: {what}; lora_rank > 0 "
+                                "trains LoRA adapters only. Any config field can be overridden with --key=value. "
+                                "Resumes out_dir's checkpoint if there is one.")
+        p.add_argument("--config", type=Path, required=True, help=f"a TOML file in configs/, e.g. "
+                       f"configs/sample_{name}.toml")
+        p.add_argument("--no-resume", action="store_true", help="start over even if out_dir holds a checkpoint")
+        p.add_argument("--strict", action="store_true", help="stop at the first malformed record (default: skip them)")
+        p.set_defaults(func=func, takes_overrides=True)
 
     p = commands.add_parser("chat", help="talk with a chat-tuned run (PyTorch), one line a turn",
                             description="Each line on standard input is a user turn; replies go to standard "
@@ -501,7 +498,8 @@ def build_parser() -> Parser:
     p.set_defaults(func=cmd_chat)
 
     p = commands.add_parser("eval", help="pretrained run: loss, bits/char and bits/byte per language; chat-tuned "
-                            "run: loss on replies and generation checks, beside its base run")
+                            "run (sft, dpo): loss on replies, generation checks (language, character, repetition, "
+                            "ends; dpo: reward accuracy and margin), beside its base run")
     p.add_argument("run_dir", type=Path, metavar="out/RUN")
     p.add_argument("--documents", type=int, default=200, help="validation documents per language (default 200)")
     p.add_argument("--json", action="store_true", help="every figure as one JSON object (keys: see the README)")

@@ -51,6 +51,7 @@ class Config:
     lora_targets: str = ",".join(LORA_TARGETS)  # the projections adapted (attention and feed-forward)
     # dpo: the rewards' scale; higher keeps the policy nearer its reference (init_from)
     dpo_beta: float = 0.1
+    dpo_nll_weight: float = 0.0  # the chosen replies' cross-entropy, times this, added to the loss (RPO)
     # training
     out_dir: str = "out/sample"
     batch_size: int = 32  # sequences per micro-batch (per process)
@@ -82,6 +83,8 @@ class Config:
         self._check_lora()
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
+        if self.dpo_nll_weight < 0:
+            raise ConfigError(f"dpo_nll_weight must be 0 or positive, got {self.dpo_nll_weight}")
 
     def _check_lora(self):
         if self.lora_rank < 0:

@@ -6,9 +6,13 @@ reward r(y) = beta * (log p_policy(y) - log p_reference(y)), the log-probabiliti
 reply's tokens (its content and <|im_end|>, as corpus/preferences.py marks them). The loss,
 -log sigmoid(r(y_w) - r(y_l)) averaged over pairs, raises the chosen reply against the rejected
 one, each measured from where the reference stood, so the policy pays for drifting away from it.
-Reward accuracy (pairs with r(y_w) > r(y_l)) and margin (mean r(y_w) - r(y_l)) go to the progress
-bar and metrics.jsonl, for train and val. Everything else is train.Trainer's: resume, DDP, bf16,
-the NaN guard, checkpoints, metrics.
+DPO alone can lower the chosen replies' likelihood too, only the rejected ones' more, and on a
+tiny model pushed hard that costs what sft taught (configs/sample_dpo.toml measures it);
+dpo_nll_weight adds the chosen replies' cross-entropy per token, times the weight, to the loss,
+which holds it (RPO, Pang et al. 2024; TRL's rpo_alpha). Reward accuracy (pairs with
+r(y_w) > r(y_l)) and margin (mean r(y_w) - r(y_l)) go to the progress bar and metrics.jsonl, for
+train and val. Everything else is train.Trainer's: resume, DDP, bf16, the NaN guard,
+checkpoints, metrics.
 """
 
 from __future__ import annotations
@@ -65,6 +69,8 @@ class DPOTrainer(Trainer):
                 reference = pair_logps(self.reference, chosen_x, chosen_y, rejected_x, rejected_y)
         loss, chosen, rejected = dpo_loss(*policy, *reference, self.c.dpo_beta)
         self.rewards["train" if self.model.training else "val"].append((chosen, rejected))
+        if self.c.dpo_nll_weight:  # the chosen replies' mean loss per token, so that their likelihood holds
+            loss = loss - self.c.dpo_nll_weight * policy[0].sum() / (chosen_y >= 0).sum()
         return loss
 
     def reported(self, split: str) -> dict:

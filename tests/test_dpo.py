@@ -1,5 +1,5 @@
-"""DPO: the loss and its gradient against a reference written here, the frozen reference model, exact
-resume, LoRA, the rewards reported, and the refusals."""
+"""DPO: the loss (with RPO's term too) and its gradient against a reference written here, the frozen
+reference model, exact resume, LoRA, the rewards reported, and the refusals."""
 
 from __future__ import annotations
 
@@ -58,8 +58,9 @@ def summed_logps(model, x, y) -> torch.Tensor:
                         for r in range(y.size(0))])
 
 
-def test_the_loss_and_its_gradient_equal_the_papers_formula(chat):
-    trainer = dpo_trainer(dpo_config(chat, "formula"), resume=False)
+@pytest.mark.parametrize("nll_weight", [0.0, 0.5])
+def test_the_loss_and_its_gradient_equal_the_papers_formula(chat, nll_weight):
+    trainer = dpo_trainer(dpo_config(chat, "formula", dpo_nll_weight=nll_weight), resume=False)
     chosen_x, chosen_y, rejected_x, rejected_y = trainer.micro_batch("train", torch.Generator().manual_seed(0))
     assert (chosen_y >= 0).any(1).all() and (rejected_y >= 0).any(1).all()
     with torch.no_grad():  # move the policy off its reference, so that the rewards are not all 0
@@ -73,11 +74,13 @@ def test_the_loss_and_its_gradient_equal_the_papers_formula(chat):
     policy, reference = trainer.model, trainer.reference  # each side alone, each position alone
     with torch.no_grad():
         reference_margin = summed_logps(reference, chosen_x, chosen_y) - summed_logps(reference, rejected_x, rejected_y)
-    policy_margin = summed_logps(policy, chosen_x, chosen_y) - summed_logps(policy, rejected_x, rejected_y)
+    policy_chosen = summed_logps(policy, chosen_x, chosen_y)
+    policy_margin = policy_chosen - summed_logps(policy, rejected_x, rejected_y)
     expected = -F.logsigmoid(BETA * (policy_margin - reference_margin)).mean()
+    expected = expected - nll_weight * policy_chosen.sum() / (chosen_y >= 0).sum()  # RPO's term
     expected_grads = torch.autograd.grad(expected, params)
 
-    assert abs(loss.item() - expected.item()) <= 1e-5 and 0.01 < expected.item() < 5
+    assert abs(loss.item() - expected.item()) <= 1e-5 * expected.item() and 0.01 < expected.item() < 10
     for got, want in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
     chosen, rejected = trainer.rewards["train"][0]

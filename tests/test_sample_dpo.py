@@ -11,7 +11,7 @@ import pytest
 from llama2zh.corpus.conversations import ReadReport
 from llama2zh.corpus.preferences import read_preferences
 from llama2zh.corpus.sample import BOYS, GIRLS, PETS
-from llama2zh.corpus.sample_dpo import KINDS, LOOP_REPEATS, write_sample_dpo
+from llama2zh.corpus.sample_dpo import CHECKS, KINDS, LOOP_REPEATS, write_sample_dpo
 from llama2zh.corpus.sample_sft import build_sft, prompt_key
 from llama2zh.errors import UserError
 from llama2zh.evaluate import is_chinese
@@ -48,6 +48,7 @@ def test_files_stats_and_the_sample_sft_conversations(written):
     for split, n in (("train", N_TRAIN), ("val", N_VAL)):
         assert len(records[split]) == n == stats[split]["pairs"] == sum(stats[split]["kinds"].values())
         assert [r["chosen"] for r in records[split]] == [m.record["conversations"] for m in sft[split]]
+        assert [[r[k] for k in CHECKS] for r in records[split]] == [[m.record[k] for k in CHECKS] for m in sft[split]]
         assert set(stats[split]["kinds"]) == set(KINDS)  # every kind in each split
         assert max(stats[split]["kinds"].values()) - min(stats[split]["kinds"].values()) <= 1
         report = ReadReport()
@@ -65,10 +66,10 @@ def test_same_seed_same_bytes_other_seed_other_bytes(tmp_path):
 
 def test_pairs_share_their_prompt_and_val_prompts_are_never_in_train(written):
     for r in pairs(written):
-        assert set(r) == {"chosen", "rejected", "kind", "rejected_ends", "task", "lang"}
+        assert set(r) == {"chosen", "rejected", "kind", "rejected_ends", *CHECKS}
         assert r["rejected"][:-1] == r["chosen"][:-1]
         assert r["chosen"][-1]["role"] == r["rejected"][-1]["role"] == "assistant"
-        assert r["rejected_ends"] == (r["kind"] in ("wrong_language", "wrong_character"))
+        assert r["rejected_ends"] == (r["kind"] != "loop")
         chosen, rejected = replies(r)
         assert rejected.strip() and rejected != chosen
     train = {prompt_key(r["chosen"]) for r in written[2]["train"]}
@@ -97,12 +98,12 @@ def test_loop_repeats_a_sentence_of_the_reply(written):
         assert not r["rejected_ends"]
 
 
-def test_cutoff_is_a_proper_prefix_without_an_end(written):
+def test_cutoff_is_a_proper_prefix_that_ends_mid_sentence(written):
     for r in pairs(written, "cutoff"):
         chosen, rejected = replies(r)
         assert chosen.startswith(rejected) and len(rejected) < len(chosen)
         assert re.search(r"\w$", rejected), rejected  # after a letter or a character: no sentence ends there
-        assert not r["rejected_ends"]
+        assert r["rejected_ends"]
 
 
 def test_wrong_language_is_the_other_language(written):

@@ -4,7 +4,11 @@
 minimind's form, which corpus/preferences.py reads:
 
     {"chosen": [messages], "rejected": [messages], "kind": ..., "rejected_ends": true|false,
-     "task": ..., "lang": "zh"|"en"}
+     "task": ..., "lang": "zh"|"en", "character": ..., "answer": ...}
+
+task, lang, character and answer are the sample-sft conversation's (what `llama2zh eval` checks
+a reply to the prompt against: lang the language asked for, character the name a story reply
+must say, answer the exact reply to a question, "" when none).
 
 The prompts are sample-sft's: the conversations of build_sft with the same counts and seed, so
 val's prompts are never in train, and val holds only (character, place, task) combinations
@@ -15,7 +19,8 @@ messages with another last reply, of one kind (KINDS):
                      least LOOP_REPEATS times in all and until the conversation reaches
                      sample-sft's TOKEN_BUDGET estimated tokens: a loop, which never ends
     cutoff           the reply cut mid-sentence (after a word or a Chinese character, between a
-                     quarter and three quarters of its length when it can be): it never ends
+                     quarter and three quarters of its length when it can be), where it ends: a
+                     reply that stops before its story or answer is told
     wrong_language   the reply in the other language: the other side of the same story (so a
                      translation echoes its source, and multi_* repeats the first reply), or of
                      the answer to the same question
@@ -23,8 +28,10 @@ messages with another last reply, of one kind (KINDS):
                      named and the asked one is not; only for replies that name their character
                      (stories, translations, continuations that name them)
 
-"rejected_ends" is false for loop and cutoff: those replies have no end, and are tokenized
-without <|im_end|>. Each pair's kind is the one of those that suit it used least so far in its
+"rejected_ends" is false for loop: a loop has no end, and is tokenized without <|im_end|>. (A
+cut-off reply without an end would teach nothing: its tokens are the chosen reply's first ones,
+whose log-probabilities cancel in DPO's difference; ending it where it is cut contrasts
+<|im_end|> with the true next token.) Each pair's kind is the one of those that suit it used least so far in its
 split (ties in the order of KINDS), so the kinds come in about equal numbers. The same counts
 and seed give the same bytes.
 """
@@ -55,8 +62,9 @@ from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_write_bytes
 
 KINDS = ("loop", "cutoff", "wrong_language", "wrong_character")
-ENDS = {"loop": False, "cutoff": False, "wrong_language": True, "wrong_character": True}
+ENDS = {"loop": False, "cutoff": True, "wrong_language": True, "wrong_character": True}
 LOOP_REPEATS = 4  # the looping sentence's occurrences, at least
+CHECKS = ("task", "lang", "character", "answer")  # the sample-sft record's keys a pair carries
 
 
 def _reply(made: Made) -> str:
@@ -132,7 +140,7 @@ def make_pairs(made: list[Made], split: str, seed: int) -> list[dict]:
         used[kind] += 1
         rejected = REJECT[kind](rng, m)
         records.append({"chosen": m.record["conversations"], "rejected": _with_reply(m, rejected), "kind": kind,
-                        "rejected_ends": ENDS[kind], "task": m.record["task"], "lang": m.record["lang"]})
+                        "rejected_ends": ENDS[kind], **{key: m.record[key] for key in CHECKS}})
     return records
 
 
