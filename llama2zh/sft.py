@@ -76,12 +76,12 @@ def fit_turns(pieces: list[tuple[list[int], list[bool]]], limit: int) -> tuple[l
 def split_files(dataset: Path) -> dict[str, list[Path]]:
     """The dataset's .jsonl files: those named val* are the val split, the rest train."""
     if not dataset.is_dir():
-        raise UserError(f"{dataset}: no such directory of conversation files (.jsonl)")
+        raise UserError(f"{dataset}: no such directory of .jsonl files (the dataset)")
     files = sorted(p for p in dataset.glob("*.jsonl") if p.is_file())
     splits = {"train": [p for p in files if not p.name.startswith("val")],
               "val": [p for p in files if p.name.startswith("val")]}
     if not splits["train"]:
-        raise UserError(f"{dataset}: no training conversations (train*.jsonl or any .jsonl not named val*)")
+        raise UserError(f"{dataset}: no training data (train*.jsonl or any .jsonl not named val*)")
     return splits
 
 
