@@ -374,6 +374,19 @@ def cmd_pretokenize(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_clean(args, overrides: list[str]) -> int:
+    from llama2zh.corpus.clean import BOILERPLATE, Rules, clean
+
+    rules = Rules(lang=args.lang, min_chars=args.min_chars, max_chars=args.max_chars,
+                  near_threshold=args.near_threshold, boilerplate=BOILERPLATE + tuple(args.boilerplate))
+    report = clean(args.src, args.out, text_field=args.text_field, rules=rules, workers=args.workers,
+                   shard_docs=args.shard_docs, force=args.force)
+    dropped = ", ".join(f"{reason} {n:,}" for reason, n in report["dropped"].items()) or "none"
+    print(f"wrote {args.out}: kept {report['kept']:,} of {report['read']:,} documents in {len(report['shards'])} "
+          f"shards (dropped: {dropped}; {report['boilerplate_lines']:,} boilerplate lines removed); see report.json")
+    return 0
+
+
 def build_parser() -> Parser:
     parser = Parser(prog="llama2zh", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -522,6 +535,28 @@ def build_parser() -> Parser:
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
     p.add_argument("--force", action="store_true", help="redo shards made with another tokenizer or setting")
     p.set_defaults(func=cmd_pretokenize)
+
+    p = commands.add_parser("clean", help="normalise, filter and deduplicate text files into .jsonl shards",
+                            description="Stream .jsonl/.json/.parquet/.csv/.txt files or folders through "
+                            "normalisation, boilerplate-line removal, length/language/repetition filters and exact "
+                            "and near-duplicate removal (MinHash LSH) into DIR/part-*.jsonl and DIR/report.json. "
+                            "Rerun to resume.")
+    p.add_argument("src", type=Path, nargs="+", metavar="SRC", help="files or folders (.txt: a document per line)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--text-field", default="text", help="the records' text field (default text)")
+    p.add_argument("--lang", choices=("zh", "en", "any"), default="any",
+                   help="keep documents whose letters are at least 70%% CJK (zh) or Latin (en); default any")
+    p.add_argument("--workers", type=int, default=2, help="processes (default 2)")
+    p.add_argument("--shard-docs", type=int, default=10_000, metavar="N", help="documents per shard (default 10000)")
+    p.add_argument("--min-chars", type=int, default=50, metavar="N", help="after cleaning (default 50)")
+    p.add_argument("--max-chars", type=int, default=100_000, metavar="N", help="default 100000")
+    p.add_argument("--near-threshold", type=float, default=0.8, metavar="J",
+                   help="Jaccard similarity of 5-character shingles above which a document is a near-duplicate of "
+                   "an earlier one (default 0.8)")
+    p.add_argument("--boilerplate", action="append", default=[], metavar="REGEX",
+                   help="also remove lines matching REGEX (repeatable; URLs, 本章未完, 请收藏, ... always)")
+    p.add_argument("--force", action="store_true", help="redo DIR made from other inputs or settings")
+    p.set_defaults(func=cmd_clean)
 
     vocab = commands.add_parser("vocab", help="tokenizer tools").add_subparsers(dest="vocab_command", required=True,
                                                                                  metavar="COMMAND")

@@ -1,0 +1,261 @@
+"""`llama2zh clean`: normalise, filter and deduplicate a corpus into .jsonl shards and a report.
+
+Each document is normalised (Unicode NFC, spaces collapsed, lines trimmed, at most one blank
+line), loses its boilerplate lines (URLs, 「本章未完」, 「请收藏」, ...; Rules.boilerplate), and is
+dropped when what remains fails a rule: length, language (CJK against Latin letters), repeated
+lines, repeated 5-character shingles. Then it is dropped as an exact duplicate (a 64-bit hash of
+its text) or a near-duplicate (MinHash LSH, minhash.py) of a document kept before it, across all
+inputs. Workers do the per-document work; the main process decides duplicates in input order,
+so any worker count gives the same bytes.
+
+Kept records (as they came, the text field replaced by the cleaned text) go to DIR/part-NNNNN.jsonl,
+shard_docs at a time, each written atomically with its documents' dedup keys beside it
+(part-NNNNN.keys.npy) and then recorded in DIR/journal.jsonl with the input position after it.
+A rerun reloads the keys and continues from that position, so an interrupted run ends with the
+bytes of an uninterrupted one. Memory: one shard of output plus a few chunks in flight, and the
+dedup keys of the kept documents: 8 bytes each, 1 + bands (17 at the default threshold) a document.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import re
+import unicodedata
+from collections import deque
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import xxhash
+from tqdm import tqdm
+
+from llama2zh.corpus.journal import Journal, read_journal
+from llama2zh.corpus.minhash import KeySet, band_keys, lsh_rows, shingle_hashes, signature
+from llama2zh.corpus.sources import Record, read_records, source_files
+from llama2zh.errors import UserError
+from llama2zh.fileio import atomic_output, atomic_write_bytes
+from llama2zh.vocab.corpus import CJK_RE, LATIN_RE
+
+LANGS = ("zh", "en", "any")
+CHUNK = 256  # documents per task sent to a worker
+SAMPLES = 3  # examples kept in the report per reason
+SAMPLE_CHARS = 200
+BOILERPLATE = (
+    r"https?://|www\.[\w-]+\.[a-z]{2,}",
+    r"本章未完|请收藏|最新章节|加入书签|求收藏|求推荐|求月票|天才一秒记住|笔趣阁|更新最快|无弹窗|手机阅读|"
+    r"免费阅读|全文阅读|点击下一页|请记住本书|首发域名|本书首发",
+    r"(?i:\bclick here\b|\ball rights reserved\b|\bcookie policy\b|\bsubscribe to\b)",
+)
+
+
+@dataclass(frozen=True)
+class Rules:
+    lang: str = "any"  # zh, en or any
+    min_chars: int = 50  # after cleaning
+    max_chars: int = 100_000
+    min_lang_share: float = 0.7  # of the letters (CJK + Latin), those of `lang`
+    max_repeated_lines: float = 0.3  # share of the characters in lines that repeat an earlier line
+    max_repeated_shingles: float = 0.5  # share of 5-character shingles that repeat an earlier one
+    near_threshold: float = 0.8  # Jaccard similarity of shingle sets that makes a near-duplicate
+    boilerplate: tuple[str, ...] = BOILERPLATE  # a line matching one of these is removed
+
+
+@dataclass(frozen=True)
+class Verdict:
+    text: str  # cleaned
+    reason: str | None  # the rule that drops it, or None
+    removed_lines: list[str]
+    keys: list[int] | None  # exact hash, then the LSH band keys; None when dropped
+
+
+SPACES = re.compile(r"[^\S\n]+")  # any whitespace but a newline, full-width spaces included
+INVISIBLE = re.compile("[\u200b-\u200d\u2060\ufeff]")
+BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def normalise(text: str) -> str:
+    text = INVISIBLE.sub("", unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\r", "\n"))
+    return BLANK_LINES.sub("\n\n", "\n".join(SPACES.sub(" ", line).strip() for line in text.split("\n"))).strip()
+
+
+@lru_cache(maxsize=4)
+def _boilerplate(patterns: tuple[str, ...]) -> re.Pattern:
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+def problem(text: str, hashes: np.ndarray, rules: Rules) -> str | None:
+    """The first whole-document rule the cleaned text fails, or None."""
+    if len(text) < rules.min_chars:
+        return "too_short"
+    if len(text) > rules.max_chars:
+        return "too_long"
+    if rules.lang != "any":
+        cjk, latin = len(CJK_RE.findall(text)), len(LATIN_RE.findall(text))
+        if (cjk if rules.lang == "zh" else latin) < rules.min_lang_share * max(1, cjk + latin):
+            return "language"
+    lines = [line for line in text.split("\n") if line]
+    seen, repeated = set(), 0
+    for line in lines:
+        repeated += len(line) if line in seen else 0
+        seen.add(line)
+    if repeated > rules.max_repeated_lines * sum(map(len, lines)):
+        return "repeated_lines"
+    if len(hashes) - len(np.unique(hashes)) > rules.max_repeated_shingles * len(hashes):
+        return "repeated_shingles"
+    return None
+
+
+def judge(texts: list[str], rules: Rules) -> list[Verdict]:
+    """Cleans and checks a chunk of documents (in a worker): everything but the duplicate decisions."""
+    boilerplate, rows = _boilerplate(rules.boilerplate), lsh_rows(rules.near_threshold)
+    verdicts = []
+    for text in texts:
+        lines = normalise(text).split("\n")
+        removed = [line for line in lines if boilerplate.search(line)]
+        text = "\n".join(line for line in lines if not boilerplate.search(line))
+        text = normalise(text) if removed else text  # a removed line may leave blank lines to merge
+        hashes = shingle_hashes(text)
+        reason = problem(text, hashes, rules)
+        keys = None if reason else [xxhash.xxh3_64_intdigest(text.encode()), *band_keys(signature(np.unique(hashes)),
+                                                                                          rows)]
+        verdicts.append(Verdict(text, reason, removed, keys))
+    return verdicts
+
+
+def _judged(records: Iterator[Record], rules: Rules, pool, workers: int) -> Iterator[tuple[Record, Verdict]]:
+    """(record, verdict) in input order, at most a few chunks in flight: memory does not grow with the input."""
+    if pool is None:
+        while chunk := list(islice(records, CHUNK)):
+            yield from zip(chunk, judge([r.text for r in chunk], rules), strict=True)
+        return
+    pending = deque()
+    while chunk := list(islice(records, CHUNK)):
+        pending.append((chunk, pool.apply_async(judge, ([r.text for r in chunk], rules))))
+        if len(pending) > 2 * workers:
+            done, verdicts = pending.popleft()
+            yield from zip(done, verdicts.get(), strict=True)
+    for done, verdicts in pending:
+        yield from zip(done, verdicts.get(), strict=True)
+
+
+class Tally:
+    """What the report counts; its state goes into each journal entry, so a resumed run continues it."""
+
+    def __init__(self, state: dict | None = None):
+        state = state or {"read": 0, "kept": 0, "dropped": {}, "boilerplate_lines": 0, "samples": {}}
+        self.read, self.kept, self.dropped = state["read"], state["kept"], state["dropped"]
+        self.boilerplate_lines, self.samples = state["boilerplate_lines"], state["samples"]
+
+    def sample(self, reason: str, text: str) -> None:
+        kept = self.samples.setdefault(reason, [])
+        if len(kept) < SAMPLES:
+            kept.append(text[:SAMPLE_CHARS])
+
+    def drop(self, reason: str, text: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        self.sample(reason, text)
+
+    def state(self) -> dict:
+        return {"read": self.read, "kept": self.kept, "dropped": dict(sorted(self.dropped.items())),
+                "boilerplate_lines": self.boilerplate_lines, "samples": dict(sorted(self.samples.items()))}
+
+
+def clean(sources: list[str | Path], out_dir: Path, text_field: str = "text", rules: Rules = Rules(),
+          workers: int = 2, shard_docs: int = 10_000, force: bool = False) -> dict:
+    """Cleans `sources` (files or folders) into out_dir; returns the report (also out_dir/report.json)."""
+    if rules.lang not in LANGS:
+        raise UserError(f"unknown --lang {rules.lang!r}; one of {', '.join(LANGS)}")
+    if not 0 < rules.near_threshold <= 1 or shard_docs < 1 or workers < 1:
+        raise UserError("--near-threshold must be in (0, 1], --shard-docs and --workers at least 1")
+    for pattern in rules.boilerplate:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise UserError(f"boilerplate pattern {pattern!r}: {e}") from None
+    files = source_files(sources)
+    settings = {"sources": [{"file": str(f), "size": f.stat().st_size} for f in files], "text_field": text_field,
+                "rules": asdict(rules), "shard_docs": shard_docs}
+    settings = json.loads(json.dumps(settings))  # as the journal gives it back: lists for tuples
+    out_dir.mkdir(parents=True, exist_ok=True)
+    entries = _entries(out_dir, settings, force)
+    with Journal(out_dir / "journal.jsonl") as journal:
+        if not journal.records:
+            journal.append([{"settings": settings}])
+        if not (entries and entries[-1]["done"]):
+            _run(files, out_dir, text_field, rules, workers, shard_docs, journal, entries)
+        entries = journal.records[1:]
+    report = {**entries[-1]["tally"], "shards": [e["shard"] for e in entries if e["shard"]], "settings": settings}
+    with atomic_output(out_dir / "report.json") as tmp:
+        tmp.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return report
+
+
+def _entries(out_dir: Path, settings: dict, force: bool) -> list[dict]:
+    """The journal's shard entries to continue from; other settings need --force, which starts over."""
+    path = out_dir / "journal.jsonl"
+    records = read_journal(path)
+    if records and records[0]["settings"] != settings:
+        if not force:
+            raise UserError(f"{out_dir} holds a clean with other inputs or settings; use --force to redo it")
+        for old in [path, out_dir / "report.json", *out_dir.glob("part-*.jsonl"), *out_dir.glob("part-*.keys.npy")]:
+            old.unlink()
+        return []
+    return records[1:]
+
+
+def _run(files, out_dir, text_field, rules, workers, shard_docs, journal, entries) -> None:
+    seen_texts, seen_bands = KeySet(), KeySet()
+    for entry in entries:
+        if entry["shard"]:
+            keys = np.load(out_dir / entry["shard"].replace(".jsonl", ".keys.npy"))
+            seen_texts.add(keys[:, 0].tolist())
+            seen_bands.add(keys[:, 1:].ravel().tolist())
+    tally = Tally(entries[-1]["tally"] if entries else None)
+    number = {file: i for i, file in enumerate(files)}
+    start = tuple(entries[-1]["next"]) if entries else (0, 0)
+    lines, keys = [], []
+
+    def commit(next_position: list[int], done: bool) -> None:
+        name = f"part-{len([e for e in journal.records[1:] if e['shard']]):05d}.jsonl" if lines else None
+        if name:
+            atomic_write_bytes(out_dir / name, lines)
+            with atomic_output(out_dir / name.replace(".jsonl", ".keys.npy")) as tmp, open(tmp, "wb") as f:
+                np.save(f, np.array(keys, np.uint64))
+        journal.append([{"shard": name, "docs": len(lines), "next": next_position, "done": done,
+                         "tally": tally.state()}])
+        lines.clear()
+        keys.clear()
+
+    context = multiprocessing.get_context("fork")
+    with (context.Pool(workers) if workers > 1 else nullcontext()) as pool, \
+            tqdm(unit="doc", initial=tally.read, desc=f"clean -> {out_dir.name}", disable=None) as bar:
+        records = read_records(files, text_field, start)
+        for record, verdict in _judged(records, rules, pool, workers):
+            tally.read += 1
+            tally.boilerplate_lines += len(verdict.removed_lines)
+            for line in verdict.removed_lines:
+                tally.sample("boilerplate_line", line)
+            reason = verdict.reason
+            if reason is None and seen_texts.any_of(verdict.keys[:1]):
+                reason = "exact_duplicate"
+            elif reason is None and seen_bands.any_of(verdict.keys[1:]):
+                reason = "near_duplicate"
+            if reason:
+                tally.drop(reason, verdict.text)
+            else:
+                tally.kept += 1
+                seen_texts.add(verdict.keys[:1])
+                seen_bands.add(verdict.keys[1:])
+                lines.append(json.dumps({**record.data, record.field: verdict.text}, ensure_ascii=False).encode()
+                             + b"\n")
+                keys.append(verdict.keys)
+                if len(lines) == shard_docs:
+                    commit([number[record.file], record.index + 1], done=False)
+            bar.update()
+            bar.set_postfix(kept=f"{tally.kept:,}", refresh=False)
+        commit([len(files), 0], done=True)
