@@ -115,9 +115,10 @@ def judge(texts: list[str], rules: Rules) -> list[Verdict]:
     boilerplate, rows = _boilerplate(rules.boilerplate), lsh_rows(rules.near_threshold)
     verdicts = []
     for text in texts:
-        lines = normalise(text).split("\n")
-        removed = [line for line in lines if boilerplate.search(line)]
-        text = "\n".join(line for line in lines if not boilerplate.search(line))
+        kept, removed = [], []
+        for line in normalise(text).split("\n"):
+            (removed if boilerplate.search(line) else kept).append(line)
+        text = "\n".join(kept)
         text = normalise(text) if removed else text  # a removed line may leave blank lines to merge
         hashes = shingle_hashes(text)
         reason = problem(text, hashes, rules)
