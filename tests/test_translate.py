@@ -261,7 +261,9 @@ def test_mymemory_backend_and_none_results(tmp_path):
     src, dest = tmp_path / "src", tmp_path / "dest"
     src.mkdir()
     write_jsonl(src / "data00.jsonl", make_stories(30))
-    with Standin(fault_rate=0.3, faults=MYMEMORY_FAULTS, hang=2.5) as standin:
+    # no "timeout" fault (its hang against the client timeout depends on load); seed 4 serves each kind asserted
+    faults = tuple(f for f in MYMEMORY_FAULTS if f != "timeout")
+    with Standin(fault_rate=0.3, faults=faults, seed=4) as standin:
         report, sent = run(src, dest, standin, path="/get", backend="mymemory")
     assert report.translated == 30 and report.retries["no translation (None or empty)"] > 0
     assert {e.served for e in sent} >= {"none", "garbage", "unchanged"}
