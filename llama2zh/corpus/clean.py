@@ -22,12 +22,10 @@ import json
 import multiprocessing
 import re
 import unicodedata
-from collections import deque
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
-from functools import lru_cache
-from itertools import islice
+from functools import lru_cache, partial
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +34,7 @@ from tqdm import tqdm
 
 from llama2zh.corpus.journal import Journal, read_journal
 from llama2zh.corpus.minhash import KeySet, band_keys, lsh_rows, shingle_hashes, signature
+from llama2zh.corpus.parallel import chunked, ordered_map
 from llama2zh.corpus.sources import Record, read_records, source_files
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, atomic_write_bytes
@@ -128,20 +127,15 @@ def judge(texts: list[str], rules: Rules) -> list[Verdict]:
     return verdicts
 
 
+def _judge_records(chunk: list[Record], rules: Rules) -> list[Verdict]:
+    return judge([r.text for r in chunk], rules)
+
+
 def _judged(records: Iterator[Record], rules: Rules, pool, workers: int) -> Iterator[tuple[Record, Verdict]]:
-    """(record, verdict) in input order, at most a few chunks in flight: memory does not grow with the input."""
-    if pool is None:
-        while chunk := list(islice(records, CHUNK)):
-            yield from zip(chunk, judge([r.text for r in chunk], rules), strict=True)
-        return
-    pending = deque()
-    while chunk := list(islice(records, CHUNK)):
-        pending.append((chunk, pool.apply_async(judge, ([r.text for r in chunk], rules))))
-        if len(pending) > 2 * workers:
-            done, verdicts = pending.popleft()
-            yield from zip(done, verdicts.get(), strict=True)
-    for done, verdicts in pending:
-        yield from zip(done, verdicts.get(), strict=True)
+    """(record, verdict) in input order, a few chunks in flight: memory does not grow with the input."""
+    for chunk, verdicts in ordered_map(partial(_judge_records, rules=rules), chunked(records, CHUNK), pool,
+                                       2 * workers):
+        yield from zip(chunk, verdicts, strict=True)
 
 
 class Tally:
