@@ -35,7 +35,7 @@ from tqdm import tqdm
 from llama2zh.corpus.journal import Journal, read_journal
 from llama2zh.corpus.minhash import KeySet, band_keys, lsh_rows, shingle_hashes, signature
 from llama2zh.corpus.parallel import chunked, ordered_map
-from llama2zh.corpus.sources import Record, read_records, source_files
+from llama2zh.corpus.sources import Record, describe, read_records, source_files
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, atomic_write_bytes
 from llama2zh.vocab.corpus import CJK_RE, LATIN_RE
@@ -173,7 +173,7 @@ def clean(sources: list[str | Path], out_dir: Path, text_field: str = "text", ru
         except re.error as e:
             raise UserError(f"boilerplate pattern {pattern!r}: {e}") from None
     files = source_files(sources)
-    settings = {"sources": [{"file": str(f), "size": f.stat().st_size} for f in files], "text_field": text_field,
+    settings = {"sources": [describe(f) for f in files], "text_field": text_field,
                 "rules": asdict(rules), "shard_docs": shard_docs}
     settings = json.loads(json.dumps(settings))  # as the journal gives it back: lists for tuples
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,11 @@ def source_files(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(files))
 
 
+def describe(file: Path) -> dict:
+    """What identifies a source file's content for a resumed run: a rerun on changed inputs must start over."""
+    return {"file": str(file), "size": file.stat().st_size}
+
+
 def read_records(files: list[Path], text_field: str = "text", start: tuple[int, int] = (0, 0)) -> Iterator[Record]:
     """The records of `files` (from source_files) in order, from record start[1] of files[start[0]] on.
 
