@@ -50,13 +50,13 @@ from llama2zh.corpus.sample_sft import (
     TASKS,
     TOKEN_BUDGET,
     Made,
-    _answer,
-    _join,
-    _other,
-    _text,
-    _units,
     build_sft,
     estimate_tokens,
+    exact_answer,
+    join_units,
+    other_lang,
+    sentence_units,
+    story_text,
 )
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_write_bytes
@@ -77,13 +77,13 @@ def _with_reply(made: Made, reply: str) -> list[dict]:
 
 def _loop(rng: random.Random, made: Made) -> str:
     lang = made.record["lang"]
-    units = _units(_reply(made), lang)
+    units = sentence_units(_reply(made), lang)
     k = rng.randint(1, (len(units) + 1) // 2)
     start = units[:k]
-    tokens = estimate_tokens(_with_reply(made, _join(start, lang)), made.story)
-    per_repeat = estimate_tokens(_with_reply(made, _join([*start, units[k - 1]], lang)), made.story) - tokens
+    tokens = estimate_tokens(_with_reply(made, join_units(start, lang)), made.story)
+    per_repeat = estimate_tokens(_with_reply(made, join_units([*start, units[k - 1]], lang)), made.story) - tokens
     repeats = max(LOOP_REPEATS - 1, math.ceil((TOKEN_BUDGET - tokens) / per_repeat))
-    return _join(start + [units[k - 1]] * repeats, lang)
+    return join_units(start + [units[k - 1]] * repeats, lang)
 
 
 def _cutoff(rng: random.Random, made: Made) -> str:
@@ -99,18 +99,18 @@ def _cutoff(rng: random.Random, made: Made) -> str:
 def _told(made: Made) -> int:
     """How many of the story's sentences the prompt told (continue_*), 0 when the reply is the story."""
     lang = made.record["lang"]
-    return len(_units(_text(made.story, lang), lang)) - len(_units(_reply(made), lang))
+    return len(sentence_units(story_text(made.story, lang), lang)) - len(sentence_units(_reply(made), lang))
 
 
 def _rest(story: Story, lang: str, told: int) -> str:
     """The story in lang after its first told sentences (all of it when told is 0)."""
-    return _join(_units(_text(story, lang), lang)[told:], lang)
+    return join_units(sentence_units(story_text(story, lang), lang)[told:], lang)
 
 
 def _wrong_language(rng: random.Random, made: Made) -> str:
-    other = _other(made.record["lang"])
+    other = other_lang(made.record["lang"])
     if made.question:
-        return _answer(made.story, made.question, other)
+        return exact_answer(made.story, made.question, other)
     return _rest(made.story, other, _told(made))
 
 

@@ -116,7 +116,7 @@ QA_FRAMES = {
     "en": ("{story}\n\n{question}", "Read the story and answer the question.\n\n{story}\n\nQuestion: {question}",
            "Answer this question about the story: {question}\n\n{story}"),
 }
-# Questions: (weight, Chinese phrasings, English phrasings); field {name}. Answers: _answer().
+# Questions: (weight, Chinese phrasings, English phrasings); field {name}. Answers: exact_answer().
 QUESTIONS = {
     "who": (3, ("这个故事讲的是谁？", "故事的主人公是谁？", "故事里的主角叫什么名字？"),
             ("Who is this story about?", "Who is the main character of the story?", "Whose story is this?")),
@@ -131,11 +131,11 @@ QUESTIONS = {
 }
 
 
-def _other(lang: str) -> str:
+def other_lang(lang: str) -> str:
     return "en" if lang == "zh" else "zh"
 
 
-def _text(story: Story, lang: str) -> str:
+def story_text(story: Story, lang: str) -> str:
     return story.zh if lang == "zh" else story.en
 
 
@@ -166,13 +166,13 @@ def _sentences(paragraph: str, lang: str) -> list[str]:
     return merged
 
 
-def _units(text: str, lang: str) -> list[tuple[int, str]]:
+def sentence_units(text: str, lang: str) -> list[tuple[int, str]]:
     """A story's sentences with the index of their paragraph."""
     return [(i, s) for i, p in enumerate(text.split("\n" if lang == "zh" else "\n\n")) for s in _sentences(p, lang)]
 
 
-def _join(units: list[tuple[int, str]], lang: str) -> str:
-    """Sentences back into text: _join(_units(text)) == text."""
+def join_units(units: list[tuple[int, str]], lang: str) -> str:
+    """Sentences back into text: join_units(sentence_units(text)) == text."""
     paragraphs, last = [], None
     for i, s in units:
         if paragraphs and i == last:
@@ -183,7 +183,7 @@ def _join(units: list[tuple[int, str]], lang: str) -> str:
     return ("\n" if lang == "zh" else "\n\n").join(paragraphs)
 
 
-def _answer(story: Story, question: str, lang: str) -> str | None:
+def exact_answer(story: Story, question: str, lang: str) -> str | None:
     """The exact answer to a question about the story, or None when it does not apply."""
     s, stop = _slots(story, lang), "。" if lang == "zh" else "."
     if question == "who":
@@ -196,7 +196,7 @@ def _answer(story: Story, question: str, lang: str) -> str | None:
         if story.problem != "lost_toy":
             return None
         return s["obj"] + "。" if lang == "zh" else f"The {s['obj']}."
-    return _units(_text(story, lang), lang)[-1][1]  # "end": the last sentence
+    return sentence_units(story_text(story, lang), lang)[-1][1]  # "end": the last sentence
 
 
 def _request(rng: random.Random, story: Story, lang: str) -> str:
@@ -214,43 +214,43 @@ def _turns(*contents: str) -> list[dict]:
 # Builders: (rng, story, lang of the last reply, question) -> (messages, character, answer), or
 # None when the story does not suit the task.
 def _tell(rng, story, lang, question):
-    return _turns(_request(rng, story, lang), _text(story, lang)), _slots(story, lang)["name"], ""
+    return _turns(_request(rng, story, lang), story_text(story, lang)), _slots(story, lang)["name"], ""
 
 
 def _continue(rng, story, lang, question):
-    units, k = _units(_text(story, lang), lang), rng.choice((2, 3))
+    units, k = sentence_units(story_text(story, lang), lang), rng.choice((2, 3))
     if len(units) - k < 3:
         return None
-    rest, name = _join(units[k:], lang), _slots(story, lang)["name"]
-    start = _join(units[:k], lang)
+    rest, name = join_units(units[k:], lang), _slots(story, lang)["name"]
+    start = join_units(units[:k], lang)
     return _turns(rng.choice(CONTINUES[lang]).format(start=start), rest), name if name in rest else "", ""
 
 
 def _translate(rng, story, lang, question):
-    prompt = rng.choice(TRANSLATES[lang]).format(story=_text(story, _other(lang)))
-    return _turns(prompt, _text(story, lang)), _slots(story, lang)["name"], ""
+    prompt = rng.choice(TRANSLATES[lang]).format(story=story_text(story, other_lang(lang)))
+    return _turns(prompt, story_text(story, lang)), _slots(story, lang)["name"], ""
 
 
 def _qa(rng, story, lang, question):
     """The story and up to four questions about it, one a turn, the drawn question last: each
     conversation trains several short answers on one long prompt."""
-    if _answer(story, question, lang) is None:
+    if exact_answer(story, question, lang) is None:
         return None
-    others = [q for q in QUESTIONS if q != question and _answer(story, q, lang) is not None]
+    others = [q for q in QUESTIONS if q != question and exact_answer(story, q, lang) is not None]
     contents = []
     for q in rng.sample(others, rng.randint(0, len(others))) + [question]:
         _, zh, en = QUESTIONS[q]
         asked = rng.choice(zh if lang == "zh" else en).format(name=_slots(story, lang)["name"])
         if not contents:
-            asked = rng.choice(QA_FRAMES[lang]).format(story=_text(story, lang), question=asked)
-        contents += [asked, _answer(story, q, lang)]
+            asked = rng.choice(QA_FRAMES[lang]).format(story=story_text(story, lang), question=asked)
+        contents += [asked, exact_answer(story, q, lang)]
     return _turns(*contents), "", contents[-1]
 
 
 def _multi(rng, story, lang, question):
-    first = _other(lang)
-    messages = _turns(_request(rng, story, first), _text(story, first), rng.choice(FOLLOW_UPS[lang]),
-                      _text(story, lang))
+    first = other_lang(lang)
+    messages = _turns(_request(rng, story, first), story_text(story, first), rng.choice(FOLLOW_UPS[lang]),
+                      story_text(story, lang))
     return messages, _slots(story, lang)["name"], ""
 
 
@@ -276,7 +276,8 @@ def _other_tokens(text: str) -> float:
 def estimate_tokens(messages: list[dict], story: Story) -> float:
     """The conversation's estimated length in tokens, BOS and ChatML wrapping included: the
     story's sentences wherever they occur at the story rate, everything else at the other."""
-    sentences = sorted({s for lang in ("zh", "en") for _, s in _units(_text(story, lang), lang)}, key=len, reverse=True)
+    sentences = sorted({s for lang in ("zh", "en") for _, s in sentence_units(story_text(story, lang), lang)},
+                       key=len, reverse=True)
     tokens = 1.0
     for m in messages:
         rest = m["content"]
