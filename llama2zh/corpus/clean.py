@@ -4,22 +4,26 @@ Each document is normalised (Unicode NFC, spaces collapsed, lines trimmed, at mo
 line), loses its boilerplate lines (URLs, 「本章未完」, 「请收藏」, ...; Rules.boilerplate), and is
 dropped when what remains fails a rule: length, language (CJK against Latin letters), repeated
 lines, repeated 5-character shingles. Then it is dropped as an exact duplicate (a 64-bit hash of
-its text) or a near-duplicate (MinHash LSH, minhash.py) of a document kept before it, across all
-inputs. Workers do the per-document work; the main process decides duplicates in input order,
-so any worker count gives the same bytes.
+its text) or a near-duplicate of a document kept before it, across all inputs: MinHash LSH
+(minhash.py) finds the kept documents sharing a band key with it, and their signatures, compared
+with its own, confirm or clear each. Workers do the per-document work; the main process decides
+duplicates in input order, so any worker count gives the same bytes.
 
 Kept records (as they came, the text field replaced by the cleaned text) go to DIR/part-NNNNN.jsonl,
-shard_docs at a time, each written atomically with its documents' dedup keys beside it
-(part-NNNNN.keys.npy) and then recorded in DIR/journal.jsonl with the input position after it.
-A rerun reloads the keys and continues from that position, so an interrupted run ends with the
-bytes of an uninterrupted one. Memory: one shard of output plus a few chunks in flight, and the
-dedup keys of the kept documents: 8 bytes each, 1 + bands (17 at the default threshold) a document.
+shard_docs at a time, each written atomically with its documents' dedup keys (part-NNNNN.keys.npy)
+and MinHash signatures (part-NNNNN.sig) beside it, and then recorded in DIR/journal.jsonl with the
+input position after it. A rerun reloads the keys and continues from that position, so an
+interrupted run ends with the bytes of an uninterrupted one. Memory: one shard of output and its
+signatures plus a few chunks in flight, and the dedup keys of the kept documents, each 12 bytes
+(the key and its document's number), 1 + bands (17 at the default threshold) a document: about
+200 bytes. The signatures (512 bytes a document) stay on disk and are read only for candidates.
 """
 
 from __future__ import annotations
 
 import json
 import multiprocessing
+import os
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -33,7 +37,7 @@ import xxhash
 from tqdm import tqdm
 
 from llama2zh.corpus.journal import Journal, read_journal
-from llama2zh.corpus.minhash import KeySet, band_keys, lsh_rows, shingle_hashes, signature
+from llama2zh.corpus.minhash import NUM_PERM, KeyMap, band_keys, lsh_rows, shingle_hashes, signature, similar
 from llama2zh.corpus.parallel import chunked, ordered_map
 from llama2zh.corpus.sources import Record, describe, read_records, source_files
 from llama2zh.errors import UserError
@@ -70,6 +74,7 @@ class Verdict:
     reason: str | None  # the rule that drops it, or None
     removed_lines: list[str]
     keys: list[int] | None  # exact hash, then the LSH band keys; None when dropped
+    signature: np.ndarray | None  # MinHash, uint32; None when dropped
 
 
 SPACES = re.compile(r"[^\S\n]+")  # any whitespace but a newline, full-width spaces included
@@ -121,9 +126,9 @@ def judge(texts: list[str], rules: Rules) -> list[Verdict]:
         text = normalise(text) if removed else text  # a removed line may leave blank lines to merge
         hashes = shingle_hashes(text)
         reason = problem(text, hashes, rules)
-        keys = None if reason else [xxhash.xxh3_64_intdigest(text.encode()), *band_keys(signature(np.unique(hashes)),
-                                                                                          rows)]
-        verdicts.append(Verdict(text, reason, removed, keys))
+        minhash = None if reason else signature(np.unique(hashes))
+        keys = None if reason else [xxhash.xxh3_64_intdigest(text.encode()), *band_keys(minhash, rows)]
+        verdicts.append(Verdict(text, reason, removed, keys, minhash))
     return verdicts
 
 
@@ -197,34 +202,86 @@ def _entries(out_dir: Path, settings: dict, force: bool) -> list[dict]:
     if records and records[0]["settings"] != settings:
         if not force:
             raise UserError(f"{out_dir} holds a clean with other inputs or settings; use --force to redo it")
-        for old in [path, out_dir / "report.json", *out_dir.glob("part-*.jsonl"), *out_dir.glob("part-*.keys.npy")]:
+        for old in [path, out_dir / "report.json", *out_dir.glob("part-*.jsonl"), *out_dir.glob("part-*.keys.npy"),
+                    *out_dir.glob("part-*.sig")]:
             old.unlink()
         return []
     return records[1:]
 
 
+class Seen:
+    """The kept documents: their dedup keys in memory, their signatures on disk but for the current shard's.
+
+    Kept document n is row n % shard_docs of shard n // shard_docs: every shard but the last is full.
+    """
+
+    def __init__(self, out_dir: Path, shard_docs: int, threshold: float):
+        self.out_dir, self.shard_docs, self.threshold = out_dir, shard_docs, threshold
+        self.texts, self.bands = KeyMap(), KeyMap()
+        self.shards = 0  # committed
+        self.keys, self.signatures = [], []  # the current shard's
+
+    def reload(self, name: str) -> None:
+        """Takes back the keys of a committed shard (the next one in order)."""
+        keys = np.load(self.out_dir / name.replace(".jsonl", ".keys.npy"))
+        numbers = self.shards * self.shard_docs + np.arange(len(keys), dtype=np.uint32)
+        self.texts.extend(keys[:, 0], numbers)
+        self.bands.extend(keys[:, 1:].ravel(), np.repeat(numbers, keys.shape[1] - 1))
+        self.shards += 1
+
+    def duplicate(self, verdict: Verdict) -> str | None:
+        if self.texts.find(verdict.keys[:1]):
+            return "exact_duplicate"
+        candidates = self.bands.find(verdict.keys[1:])
+        if any(similar(verdict.signature, self._signature(n), self.threshold) for n in candidates):
+            return "near_duplicate"
+        return None
+
+    def _signature(self, number: int) -> np.ndarray:
+        shard, row = divmod(number, self.shard_docs)
+        if shard == self.shards:
+            return self.signatures[row]
+        fd = os.open(self.out_dir / f"part-{shard:05d}.sig", os.O_RDONLY)
+        try:
+            return np.frombuffer(os.pread(fd, 4 * NUM_PERM, 4 * NUM_PERM * row), "<u4")
+        finally:
+            os.close(fd)
+
+    def add(self, verdict: Verdict) -> None:
+        number = self.shards * self.shard_docs + len(self.keys)
+        self.texts.add(verdict.keys[:1], number)
+        self.bands.add(verdict.keys[1:], number)
+        self.keys.append(verdict.keys)
+        self.signatures.append(verdict.signature)
+
+    def commit(self, name: str) -> None:
+        """Writes the current shard's keys and signatures beside its documents (out_dir/name)."""
+        with atomic_output(self.out_dir / name.replace(".jsonl", ".keys.npy")) as tmp, open(tmp, "wb") as f:
+            np.save(f, np.array(self.keys, np.uint64))
+        atomic_write_bytes(self.out_dir / name.replace(".jsonl", ".sig"), [np.array(self.signatures, "<u4").tobytes()])
+        self.shards += 1
+        self.keys.clear()
+        self.signatures.clear()
+
+
 def _run(files, out_dir, text_field, rules, workers, shard_docs, journal, entries) -> None:
-    seen_texts, seen_bands = KeySet(), KeySet()
+    seen = Seen(out_dir, shard_docs, rules.near_threshold)
     for entry in entries:
         if entry["shard"]:
-            keys = np.load(out_dir / entry["shard"].replace(".jsonl", ".keys.npy"))
-            seen_texts.add(keys[:, 0].tolist())
-            seen_bands.add(keys[:, 1:].ravel().tolist())
+            seen.reload(entry["shard"])
     tally = Tally(entries[-1]["tally"] if entries else None)
     number = {file: i for i, file in enumerate(files)}
     start = tuple(entries[-1]["next"]) if entries else (0, 0)
-    lines, keys = [], []
+    lines = []
 
     def commit(next_position: list[int], done: bool) -> None:
-        name = f"part-{len([e for e in journal.records[1:] if e['shard']]):05d}.jsonl" if lines else None
+        name = f"part-{seen.shards:05d}.jsonl" if lines else None
         if name:
             atomic_write_bytes(out_dir / name, lines)
-            with atomic_output(out_dir / name.replace(".jsonl", ".keys.npy")) as tmp, open(tmp, "wb") as f:
-                np.save(f, np.array(keys, np.uint64))
+            seen.commit(name)
         journal.append([{"shard": name, "docs": len(lines), "next": next_position, "done": done,
                          "tally": tally.state()}])
         lines.clear()
-        keys.clear()
 
     context = multiprocessing.get_context("fork")
     with (context.Pool(workers) if workers > 1 else nullcontext()) as pool, \
@@ -235,20 +292,14 @@ def _run(files, out_dir, text_field, rules, workers, shard_docs, journal, entrie
             tally.boilerplate_lines += len(verdict.removed_lines)
             for line in verdict.removed_lines:
                 tally.sample("boilerplate_line", line)
-            reason = verdict.reason
-            if reason is None and seen_texts.any_of(verdict.keys[:1]):
-                reason = "exact_duplicate"
-            elif reason is None and seen_bands.any_of(verdict.keys[1:]):
-                reason = "near_duplicate"
+            reason = verdict.reason or seen.duplicate(verdict)
             if reason:
                 tally.drop(reason, verdict.text)
             else:
                 tally.kept += 1
-                seen_texts.add(verdict.keys[:1])
-                seen_bands.add(verdict.keys[1:])
+                seen.add(verdict)
                 lines.append(json.dumps({**record.data, record.field: verdict.text}, ensure_ascii=False).encode()
                              + b"\n")
-                keys.append(verdict.keys)
                 if len(lines) == shard_docs:
                     commit([number[record.file], record.index + 1], done=False)
             bar.update()
