@@ -54,11 +54,12 @@ def shingle_hashes(text: str) -> np.ndarray:
 
 def signature(hashes: np.ndarray) -> np.ndarray:
     """The MinHash signature (NUM_PERM uint32 values) of a set of shingle hashes."""
-    signature = np.full(NUM_PERM, 1 << 32, np.uint64)
+    signature = np.full(NUM_PERM, np.iinfo(np.uint64).max, np.uint64)
     for start in range(0, len(hashes), BLOCK):
-        y = (hashes[start:start + BLOCK, None] * A + B) >> np.uint64(32)  # wraps mod 2^64 on purpose
+        y = np.multiply(hashes[start:start + BLOCK, None], A)  # wraps mod 2^64 on purpose
+        y += B
         np.minimum(signature, y.min(axis=0), out=signature)
-    return signature.astype(np.uint32)
+    return (signature >> np.uint64(32)).astype(np.uint32)  # the shift keeps order: the minimum's top bits
 
 
 def similar(a: np.ndarray, b: np.ndarray, threshold: float) -> bool:
