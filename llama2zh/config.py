@@ -6,6 +6,7 @@ value of the wrong type is a usage error that lists what is valid.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -41,6 +42,9 @@ class Config:
     # data: DATASET's story shards pretokenized by TOKENIZER (a directory with tokenizer.model)
     dataset: str = "data/sample"
     tokenizer: str = "tokenizers/sample"
+    # pretraining on several datasets: "PATH=WEIGHT, PATH=WEIGHT, ..." (then dataset is not read); each
+    # batch draws its rows in these proportions (weights are relative: they need not sum to 1)
+    mix: str = ""
     lang: str = "enzh"  # the mix pretokenize was run with: en, zh, or enzh (both sides of parallel stories)
     # sft (and continued pretraining): the run directory whose weights training starts from
     init_from: str = ""
@@ -81,6 +85,7 @@ class Config:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{key} must be at least 1, got {getattr(self, key)}")
         self._check_lora()
+        self._check_mix()
         if self.dpo_beta <= 0:
             raise ConfigError(f"dpo_beta must be positive, got {self.dpo_beta}")
         if self.dpo_nll_weight < 0:
@@ -100,6 +105,29 @@ class Config:
                               f"got '{self.lora_targets}'")
         if self.lora_rank and not self.init_from:
             raise ConfigError("lora_rank > 0 trains adapters on a frozen base: set init_from to the run to start from")
+
+    def _check_mix(self):
+        names = [Path(path).name for path, _ in self.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"mix: two datasets share a folder name ({', '.join(names)}); each needs its own")
+
+    @property
+    def datasets(self) -> list[tuple[str, float]]:
+        """(path, weight) of each dataset pretraining draws from: the mix, or dataset alone."""
+        if not self.mix.strip():
+            return [(self.dataset, 1.0)]
+        datasets = []
+        for item in self.mix.split(","):
+            path, sep, weight = item.strip().rpartition("=")
+            try:
+                value = float(weight)
+            except ValueError:
+                value = 0.0
+            if not (sep and path.strip() and 0 < value < math.inf):
+                raise ConfigError(f"mix must be a comma list of PATH=WEIGHT with positive weights, "
+                                  f"got '{item.strip()}' in '{self.mix}'")
+            datasets.append((path.strip(), value))
+        return datasets
 
     @property
     def lora_target_list(self) -> list[str]:

@@ -4,12 +4,14 @@ Loss per token depends on how finely a tokenizer cuts text, so validation docume
 scored per character and per UTF-8 byte of the text they decode to, separately for English
 and Chinese: bits/char = (sum of the tokens' negative log-likelihoods) / ln 2 / characters.
 The unigram entropy of the training tokens is the floor a model that ignores context reaches.
+A run pretrained on a mix is scored on each dataset's validation documents too, one row each;
+the language rows and the unigram entropy are over the mix (each dataset in its weight).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +32,9 @@ class Score:
     nats: float = 0.0
     chars: int = 0
     bytes: int = 0
+
+    def __add__(self, other: Score) -> Score:
+        return Score(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
     def row(self) -> dict:
         bits = self.nats / math.log(2)
@@ -72,12 +77,13 @@ def score_documents(model, sp, docs: list[np.ndarray], per_language: int) -> dic
     return scores
 
 
-def unigram_entropy(shards: TokenShards) -> float:
-    """Entropy (nats/token) of the training tokens' unigram distribution."""
-    counts = np.zeros(shards.vocab_size, dtype=np.int64)
-    for shard in shards.splits["train"]:
-        counts += np.bincount(shard, minlength=shards.vocab_size)
-    p = counts[counts > 0] / counts.sum()
+def unigram_entropy(datasets: list[tuple[float, TokenShards]]) -> float:
+    """Entropy (nats/token) of the unigram distribution of the training tokens of the (weight, dataset) mix."""
+    p = 0.0
+    for weight, shards in datasets:
+        counts = sum(np.bincount(shard, minlength=shards.vocab_size) for shard in shards.splits["train"])
+        p = p + weight * counts / counts.sum()
+    p = p[p > 0]
     return float(-(p * np.log(p)).sum())
 
 
@@ -87,13 +93,19 @@ def evaluate(run_dir: Path, per_language: int = 200, checkpoint: tuple | None = 
         raise UserError(f"{run_dir}: no ckpt.pt (train first)")
     model, state = checkpoint or load_checkpoint(run_dir / "ckpt.pt")
     config = Config(**state["config"])
-    shards = TokenShards(Path(config.dataset) / Path(config.tokenizer).name)
+    total = sum(weight for _, weight in config.datasets)
+    mix = [(Path(path).name, weight / total, TokenShards(Path(path) / Path(config.tokenizer).name))
+           for path, weight in config.datasets]
     sp, _ = load_sentencepiece(run_dir / "tokenizer.model")
-    val = shards.splits["val"] or shards.splits["train"]
-    docs = [d for shard in val for d in documents(np.asarray(shard), sp.bos_id())]
-    scores = score_documents(model, sp, docs, per_language)
-    return {"step": state["step"], "unigram_entropy": unigram_entropy(shards),
-            **{lang: s.row() for lang, s in scores.items() if s.documents}}
+    languages, datasets = {"en": Score(), "zh": Score()}, {}
+    for name, weight, shards in mix:
+        val = shards.splits["val"] or shards.splits["train"]
+        docs = [d for shard in val for d in documents(np.asarray(shard), sp.bos_id())]
+        scores = score_documents(model, sp, docs, per_language)
+        languages = {lang: languages[lang] + scores[lang] for lang in languages}
+        datasets[name] = {"weight": weight, **(scores["en"] + scores["zh"]).row()}
+    return {"step": state["step"], "unigram_entropy": unigram_entropy([(w, shards) for _, w, shards in mix]),
+            **{lang: s.row() for lang, s in languages.items() if s.documents}, "datasets": datasets}
 
 
 def format_report(report: dict) -> str:
@@ -106,4 +118,10 @@ def format_report(report: dict) -> str:
             r = report[lang]
             lines.append(f"| {name} | {r['documents']} | {r['tokens']:,} | {r['loss_per_token']:.3f} | "
                          f"{r['bits_per_char']:.3f} | {r['bits_per_byte']:.3f} |")
+    if len(report["datasets"]) > 1:
+        lines += ["", "| dataset | weight | documents | tokens | loss/token (nats) | bits/char | bits/byte |",
+                  "|---|---|---|---|---|---|---|"]
+        for name, r in report["datasets"].items():
+            lines.append(f"| {name} | {r['weight']:.2f} | {r['documents']} | {r['tokens']:,} | "
+                         f"{r['loss_per_token']:.3f} | {r['bits_per_char']:.3f} | {r['bits_per_byte']:.3f} |")
     return "\n".join(lines)

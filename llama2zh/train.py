@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from llama2zh.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from llama2zh.config import Config
-from llama2zh.corpus.dataset import TokenShards
+from llama2zh.corpus.dataset import Mixture, open_mixture
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, sha256_file
 from llama2zh.lora import apply_lora, load_lora_state_dict
@@ -178,6 +178,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"]["adamw"])
         self.scaler.load_state_dict(state["optimizer"]["scaler"])
         self.data_rng.set_state(state["optimizer"]["data_rng"])
+        if isinstance(self.data, Mixture) and "data" in state["optimizer"]:  # older runs: counted from here
+            self.data.load_state_dict(state["optimizer"]["data"])
         if "torch_rng" in state["optimizer"]:  # dropout's draws (LoRA)
             torch.set_rng_state(state["optimizer"]["torch_rng"])
             if self.device.type == "cuda" and state["optimizer"].get("cuda_rng") is not None:
@@ -202,12 +204,15 @@ class Trainer:
                           "data_rng": self.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                           "best_val": self.best_val}
+        if isinstance(self.data, Mixture):
+            training_state["data"] = self.data.state_dict()
         save_checkpoint(self.run_dir / name, self.model, config=asdict(self.c),
                         tokenizer_sha256=self.tokenizer_sha256, step=self.step, optimizer=training_state,
                         run_info=self.run_info)
 
-    def micro_batch(self, split: str, rng: torch.Generator):
-        batch = self.data.batch(split, self.c.batch_size, self.c.max_seq_len, rng, self.dist.rank, self.dist.world)
+    def micro_batch(self, split: str, rng: torch.Generator, data=None):
+        batch = (data or self.data).batch(split, self.c.batch_size, self.c.max_seq_len, rng, self.dist.rank,
+                                          self.dist.world)
         return tuple(t if t is None else t.to(self.device) for t in batch)
 
     def batch_tokens(self, batch) -> int:
@@ -225,12 +230,24 @@ class Trainer:
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
 
     @torch.no_grad()
-    def estimate_val_loss(self) -> float:
-        """Mean loss over eval_iters fixed val batches (the same ones at every evaluation)."""
+    def estimate_val_loss(self) -> dict[str, float]:
+        """{"val_loss": mean loss over eval_iters fixed val batches (the same ones at every evaluation)}; for a
+        mix of datasets, each one's too ("val_loss/NAME", eval_iters batches of it) and val_loss their weighted mean."""
         self.model.eval()
-        rng = torch.Generator().manual_seed(self.c.seed + 1)
-        losses = [self.loss(*self.micro_batch("val", rng), model=self.model).item() for _ in range(self.c.eval_iters)]
+        if isinstance(self.data, Mixture) and len(self.data.parts) > 1:
+            losses = {f"val_loss/{name}": self._mean_val_loss(part) for name, part in zip(self.data.names,
+                                                                                      self.data.parts, strict=True)}
+            losses = {"val_loss": sum(w * loss for w, loss in zip(self.data.weights, losses.values(), strict=True)),
+                      **losses}
+        else:
+            losses = {"val_loss": self._mean_val_loss(self.data)}
         self.model.train()
+        return losses
+
+    def _mean_val_loss(self, data) -> float:
+        rng = torch.Generator().manual_seed(self.c.seed + 1)
+        losses = [self.loss(*self.micro_batch("val", rng, data), model=self.model).item()
+                  for _ in range(self.c.eval_iters)]
         return sum(losses) / len(losses)
 
     def train_step(self) -> float:
@@ -284,14 +301,18 @@ class Trainer:
                     rate = self.tokens_seen / (time.perf_counter() - started)
                     mfu = rate * flops_per_token / peak
                     extra = self.reported("train")
+                    epochs = self.data.epochs() if isinstance(self.data, Mixture) else {}
+                    shown = {"epochs": " ".join(f"{n}:{e:.2f}" for n, e in epochs.items())} if epochs else {}
                     bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in extra.items()},
-                                    tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}")
+                                    tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}", **shown)
                     self.log({"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, c),
-                              "tokens_per_s": rate, "mfu": mfu, **extra})
+                              "tokens_per_s": rate, "mfu": mfu, **{f"epochs/{n}": e for n, e in epochs.items()},
+                              **extra})
                     started, self.tokens_seen = time.perf_counter(), 0
                 if self.step % c.eval_interval == 0 or self.step == c.max_iters:
-                    val = self.estimate_val_loss()
-                    extra = {f"val_{k}": v for k, v in self.reported("val").items()}
+                    extra = self.estimate_val_loss()
+                    val = extra.pop("val_loss")
+                    extra.update({f"val_{k}": v for k, v in self.reported("val").items()})
                     self.log({"step": self.step, "val_loss": val, **extra})
                     bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {val:.4f}"
                               + "".join(f", {k} {v:.3f}" for k, v in extra.items()))
@@ -375,17 +396,11 @@ def run_stage(config: Config, trainer: Trainer, tokenizer_model: Path) -> Path:
 
 
 def pretraining_trainer(config: Config, resume: bool) -> Trainer:
-    """Pretraining: a new model on DATASET's token shards made with TOKENIZER."""
+    """Pretraining: a new model on the token shards made with TOKENIZER of DATASET, or of the MIX's datasets."""
     c = config
     tokenizer_dir = Path(c.tokenizer)
-    data = TokenShards(Path(c.dataset) / tokenizer_dir.name)
+    data = open_mixture(c.datasets, tokenizer_dir, c.lang)
     tokenizer_sha256 = sha256_file(tokenizer_dir / "tokenizer.model")
-    if data.manifest["tokenizer_sha256"] != tokenizer_sha256:
-        raise UserError(f"{c.dataset} was pretokenized with another {tokenizer_dir.name}/tokenizer.model; "
-                        "pretokenize it again (--force)")
-    if data.manifest["lang"] != c.lang:
-        raise UserError(f"{c.dataset} was pretokenized with --lang {data.manifest['lang']}, the config "
-                        f"asks for lang = {c.lang}; pretokenize it again with --lang {c.lang} --force")
     torch.manual_seed(c.seed)
     model = Transformer(c.model_args(data.vocab_size))
     model.init_weights(torch.Generator().manual_seed(c.seed))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,7 +39,20 @@ def data(tmp_path_factory):
     write_sample(root / "data" / "sample", n_stories=300, shard_size=100)
     train_tokenizer(sorted((root / "data" / "sample").glob("*.json")), 1200, root / "tok" / "tiny", lang="enzh")
     pretokenize(root / "data" / "sample", root / "tok" / "tiny", lang="enzh", workers=1, val_permille=100)
+    # a second dataset for mixes: the first of those shards alone, as a generic text corpus (lang "any")
+    source, other = root / "data" / "sample" / "tiny", root / "data" / "other" / "tiny"
+    manifest = json.loads((source / "manifest.json").read_text())
+    manifest.update(lang="any", shards=dict(sorted(manifest["shards"].items())[:1]))
+    other.mkdir(parents=True)
+    for entry in manifest["shards"].values():
+        for split in ("train", "val"):
+            shutil.copyfile(source / entry[split]["file"], other / entry[split]["file"])
+    (other / "manifest.json").write_text(json.dumps(manifest))
     return root
+
+
+def mix(data) -> str:
+    return f"{data / 'data' / 'sample'}=0.7, {data / 'data' / 'other'}=0.3"
 
 
 def config(data, out: str, **extra) -> Config:
@@ -48,33 +62,48 @@ def config(data, out: str, **extra) -> Config:
                                            "out_dir": str(data / "out" / out), **extra})
 
 
+def records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if "loss" in r}
+    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
 
 
-def test_resumed_run_repeats_the_uninterrupted_losses(data):
-    straight = losses(train(config(data, "straight")))
-    first = pretraining_trainer(config(data, "resumed"), resume=False)
+@pytest.mark.parametrize("mixed", [False, True], ids=["dataset", "mix"])
+def test_resumed_run_repeats_the_uninterrupted_losses(data, mixed):
+    settings = {"mix": mix(data)} if mixed else {}
+    straight = train(config(data, f"straight-{mixed}", **settings))
+    first = pretraining_trainer(config(data, f"resumed-{mixed}", **settings), resume=False)
     early = {}
     for step in range(1, 6):
         early[step] = first.train_step()
     first.save()
-    second = pretraining_trainer(config(data, "resumed"), resume=True)
+    second = pretraining_trainer(config(data, f"resumed-{mixed}", **settings), resume=True)
     assert second.step == 5
     second.run()
-    resumed = {**early, **losses(data / "out" / "resumed")}
-    assert sorted(resumed) == sorted(straight) == list(range(1, 13))
-    for step, loss in straight.items():
+    resumed = {**early, **losses(data / "out" / f"resumed-{mixed}")}
+    assert sorted(resumed) == sorted(losses(straight)) == list(range(1, 13))
+    for step, loss in losses(straight).items():
         assert abs(resumed[step] - loss) <= 1e-6, step
+    # the epochs counted resume too: a dataset's tokens drawn, over its size
+    epochs = [[{k: v for k, v in r.items() if k.startswith("epochs/")} for r in records(run) if r["step"] > 5
+               and "loss" in r] for run in (straight, data / "out" / f"resumed-{mixed}")]
+    assert epochs[0] == epochs[1]
+    epochs = epochs[0]
+    names = ["sample", "other"] if mixed else ["sample"]
+    assert sorted(epochs[-1]) == sorted(f"epochs/{name}" for name in names)
+    trained = 12 * TINY["batch_size"] * TINY["max_seq_len"]
+    assert sum(epochs[-1][f"epochs/{name}"] * second.data.parts[i].tokens("train")
+               for i, name in enumerate(names)) == pytest.approx(trained)
 
 
 def test_two_gloo_processes_match_one_at_the_same_global_batch(data):
-    one = losses(train(config(data, "one", batch_size=4, max_iters=6, eval_interval=6)))
+    """With a mix of two datasets: each rank keeps its rows of the one global batch."""
+    one = losses(train(config(data, "one", batch_size=4, max_iters=6, eval_interval=6, mix=mix(data))))
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    overrides = [f"--{k}={v}" for k, v in {**TINY, "dataset": data / "data" / "sample", "tokenizer":
-                 data / "tok" / "tiny", "out_dir": data / "out" / "two", "batch_size": 2, "max_iters": 6,
-                 "eval_interval": 6}.items()]
+    overrides = [f"--{k}={v}" for k, v in {**TINY, "mix": mix(data), "tokenizer": data / "tok" / "tiny",
+                 "out_dir": data / "out" / "two", "batch_size": 2, "max_iters": 6, "eval_interval": 6}.items()]
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              "-m", "llama2zh", "train", "--config", str(SAMPLE), *overrides],
                             env=env, capture_output=True, text=True, timeout=600)
@@ -125,10 +154,22 @@ def test_ctrl_c_saves_and_a_rerun_resumes(data):
     ("--dtype=float8", "dtype must be one of float32, bfloat16, float16"),
     ("--batch_size=0", "batch_size must be at least 1"),
     ("--learning_rate=fast", "learning_rate must be an float"),
+    ("--mix=data/a=0.5, data/b=0", "mix must be a comma list of PATH=WEIGHT with positive weights, got 'data/b=0'"),
 ])
 def test_bad_configs_are_rejected(tmp_path, override, message):
     result = llama2zh("train", "--config", SAMPLE, override, cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_a_mix_of_datasets_that_do_not_fit_is_refused_in_one_line(data, tmp_path):
+    tokenizer = f"--tokenizer={data / 'tok' / 'tiny'}"
+    missing = llama2zh("train", "--config", SAMPLE, tokenizer, f"--mix={data / 'data' / 'sample'}=1, nowhere=1",
+                       cwd=tmp_path)
+    assert missing.returncode == 1 and missing.stderr.count("\n") == 1, missing.stderr
+    assert "nowhere/tiny: no manifest.json (run `llama2zh pretokenize` first)" in missing.stderr
+    english = llama2zh("train", "--config", SAMPLE, tokenizer, f"--mix={mix(data)}", "--lang=en", cwd=tmp_path)
+    assert english.returncode == 1 and english.stderr.count("\n") == 1, english.stderr
+    assert "sample was pretokenized with --lang enzh, the config asks for lang = en" in english.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.stem)
@@ -146,6 +187,7 @@ def test_evaluation_reports_bits_per_character_per_language(data):
         assert row["documents"] == 10
         assert row["bits_per_char"] > 0 and row["bits_per_byte"] <= row["bits_per_char"]
     assert report["unigram_entropy"] > 0
+    assert list(report["datasets"]) == ["sample"] and report["datasets"]["sample"]["documents"] == 20
     for name in ("model.bin", "tokenizer.bin", "tokenizer.model", "config.toml", "metrics.jsonl", "best.pt"):
         assert (run / name).exists(), name
 
@@ -163,3 +205,17 @@ def test_an_imported_run_continues_pretraining_and_evaluates(data, tmp_path):
     assert losses(continued)[1] < losses(base)[1]  # it starts from the trained weights, not from scratch
     report = evaluate(continued)
     assert report["step"] == 4 and report["en"]["tokens"] > 0 and report["zh"]["tokens"] > 0
+
+
+def test_a_mixed_run_reports_each_dataset_in_training_and_in_eval(data):
+    run = train(config(data, "mixed-eval", max_iters=8, mix=mix(data)))
+    val = [r for r in records(run) if "val_loss" in r][-1]
+    assert val["val_loss"] == pytest.approx(0.7 * val["val_loss/sample"] + 0.3 * val["val_loss/other"])
+    report = evaluate(run, per_language=5)
+    assert list(report["datasets"]) == ["sample", "other"]
+    assert [r["weight"] for r in report["datasets"].values()] == pytest.approx([0.7, 0.3])
+    for row in report["datasets"].values():
+        assert row["documents"] == 10 and row["bits_per_char"] > 0
+    assert report["en"]["documents"] == report["zh"]["documents"] == 10  # 5 of each language from each dataset
+    result = llama2zh("eval", run)
+    assert result.returncode == 0 and "| dataset | weight |" in result.stdout and "| other | 0.30 |" in result.stdout
