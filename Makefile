@@ -150,3 +150,4 @@ bench: venv run lib
 	$(VPY) -m llama2zh.bench_pretokenize
 	$(VPY) -m llama2zh.bench_translate
 	$(VPY) -m llama2zh.bench_serve
+	$(VPY) -m llama2zh.bench_corpus

@@ -8,6 +8,7 @@ import random
 import numpy as np
 import pytest
 
+from llama2zh.bench_corpus import near_copy
 from llama2zh.corpus import clean as clean_module
 from llama2zh.corpus.clean import Rules, clean, normalise
 from llama2zh.corpus.minhash import KeyMap, lsh_rows, shingle_hashes, signature, similar
@@ -18,14 +19,6 @@ from tests.test_cli import llama2zh
 
 ADS = ("本章未完，请点击下一页继续阅读", "天才一秒记住本站地址：www.biquge.com 最新章节", "https://example.com/novel/123")
 RULES = Rules(lang="zh")
-
-
-def near_copy(text: str, rng: random.Random) -> str:
-    """The text with a character in 150 replaced (at least one): Jaccard about 0.85-0.95 to the original."""
-    chars = list(text)
-    for at in rng.sample(range(len(chars)), max(1, len(chars) // 150)):
-        chars[at] = rng.choice("的一是在不了有和人这中大为上个国我以要他时来用们生到作地于出就分对成会可主发年同工")
-    return "".join(chars)
 
 
 @pytest.fixture(scope="module")

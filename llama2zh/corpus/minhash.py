@@ -124,7 +124,12 @@ class KeyMap:
         order = np.argsort(keys, kind="stable")
         self._runs.append((keys[order], values[order].astype(np.uint32)))
         while len(self._runs) > 1 and len(self._runs[-2][0]) <= 2 * len(self._runs[-1][0]):
-            (keys, values), (more_keys, more_values) = self._runs.pop(), self._runs.pop()
-            keys, values = np.concatenate([more_keys, keys]), np.concatenate([more_values, values])
-            order = np.argsort(keys, kind="stable")  # two sorted runs: timsort merges them in linear time
-            self._runs.append((keys[order], values[order]))
+            (keys, values), (big_keys, big_values) = self._runs.pop(), self._runs.pop()
+            # a linear merge: each key of the smaller run goes after the bigger run's keys up to it
+            at = np.searchsorted(big_keys, keys, "right") + np.arange(len(keys))
+            rest = np.ones(len(big_keys) + len(keys), bool)
+            rest[at] = False
+            merged = np.empty(len(rest), np.uint64), np.empty(len(rest), np.uint32)
+            for out, big, small in zip(merged, (big_keys, big_values), (keys, values), strict=True):
+                out[at], out[rest] = small, big
+            self._runs.append(merged)
