@@ -187,8 +187,22 @@ def cmd_vocab_stats(args, overrides: list[str]) -> int:
 def cmd_download(args, overrides: list[str]) -> int:
     from llama2zh.corpus import download
 
-    if args.list and args.what != "model":
-        raise ConfigError("--list applies to download model only")
+    if args.list and args.what not in ("model", "corpus"):
+        raise ConfigError("--list applies to download model and download corpus only")
+    if args.limit is not None and args.what != "corpus":
+        raise ConfigError("--limit applies to download corpus only")
+    if args.what == "corpus":
+        from llama2zh.corpus import registry as corpora
+
+        if args.list:
+            print(corpora.format_registry())
+            return 0
+        if not args.name:
+            raise ConfigError("download corpus needs a NAME (see llama2zh download corpus --list)")
+        if args.from_path:
+            raise ConfigError("--from applies to datasets and tokenizers, not to download corpus")
+        corpora.download_corpus(args.name, args.dest or Path("data"), args.limit)
+        return 0
     if args.what == "model":
         if not (args.name or args.list):
             raise ConfigError("download model needs a NAME (see llama2zh download model --list)")
@@ -446,14 +460,16 @@ def build_parser() -> Parser:
     p.add_argument("--tokenizer", type=Path, help="directory with tokenizer.model, for a bare model.bin")
     p.set_defaults(func=cmd_verify)
 
-    p = commands.add_parser("download", help="the built-in sample corpus, TinyStories (en, zh) or a tokenizer")
+    p = commands.add_parser("download", help="the built-in samples, TinyStories (en, zh), a corpus from the hub, "
+                            "a tokenizer or a published model")
     p.add_argument("what", choices=("sample", "sample-sft", "sample-dpo", "tinystories", "tinystories-zh", "tokenizer",
-                                    "model"))
-    p.add_argument("name", nargs="?", help="the tokenizer's name (tokenizers/registry.json) or the model's "
-                   "(download model --list)")
-    p.add_argument("--list", action="store_true", help="download model: the published models it knows")
+                                    "model", "corpus"))
+    p.add_argument("name", nargs="?", help="the tokenizer's name (tokenizers/registry.json), the model's "
+                   "(download model --list) or the corpus's (download corpus --list)")
+    p.add_argument("--list", action="store_true", help="download model, download corpus: the ones it knows")
     p.add_argument("--dest", type=Path, help="destination (default data/; tokenizers/ for a tokenizer, models/ "
                    "for a model)")
+    p.add_argument("--limit", type=int, help="download corpus: the first N records only")
     p.add_argument("--from", dest="from_path", type=Path, help="ingest a copy you already have (archive or folder)")
     p.set_defaults(func=cmd_download)
 

@@ -3,8 +3,9 @@
 What is particular to sft; the loop is train.py's.
 - The tokenizer: the base run's, with the chat pieces appended when it lacks them (every old
   id kept); the model grows by as many embedding rows (Transformer.extended).
-- The data: .jsonl conversations (corpus/conversations.py reads the three forms), rendered by
-  the chat template (chat.py) once into token shards beside the data, DATASET/chat-<sha>/:
+- The data: conversations in .jsonl, .json, .parquet or .csv files (corpus/conversations.py
+  reads the three forms), rendered by the chat template (chat.py) once into token shards beside
+  the data, DATASET/chat-<sha>/:
   {train,val}.bin (the ids, BOS before each conversation, uint16 or uint32) and
   {train,val}.mask (one byte per id: 1 where the loss is taken, on the assistant's content and
   its <|im_end|>), with manifest.json (tokenizer sha256, max_seq_len, the sources' sha256).
@@ -29,7 +30,7 @@ from tqdm import tqdm
 from llama2zh.chat import CHAT_PIECES, TEMPLATE, add_chat_pieces, chat_piece_ids, message_pieces
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.config import Config
-from llama2zh.corpus.conversations import Malformed, ReadReport, read_conversations
+from llama2zh.corpus.conversations import SUFFIXES, Malformed, ReadReport, read_conversations
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, atomic_write_bytes, sha256_file
 from llama2zh.model import Transformer
@@ -74,14 +75,16 @@ def fit_turns(pieces: list[tuple[list[int], list[bool]]], limit: int) -> tuple[l
 
 
 def split_files(dataset: Path) -> dict[str, list[Path]]:
-    """The dataset's .jsonl files: those named val* are the val split, the rest train."""
+    """The dataset's data files (.jsonl, .json, .parquet, .csv): those named val* are the val split,
+    the rest train."""
+    kinds = ", ".join(SUFFIXES)
     if not dataset.is_dir():
-        raise UserError(f"{dataset}: no such directory of .jsonl files (the dataset)")
-    files = sorted(p for p in dataset.glob("*.jsonl") if p.is_file())
+        raise UserError(f"{dataset}: no such directory of {kinds} files (the dataset)")
+    files = sorted(p for p in dataset.iterdir() if p.suffix in SUFFIXES and p.is_file())
     splits = {"train": [p for p in files if not p.name.startswith("val")],
               "val": [p for p in files if p.name.startswith("val")]}
     if not splits["train"]:
-        raise UserError(f"{dataset}: no training data (train*.jsonl or any .jsonl not named val*)")
+        raise UserError(f"{dataset}: no training data (train* or any file not named val*, one of {kinds})")
     return splits
 
 

@@ -10,7 +10,7 @@ import tarfile
 import pytest
 
 from tests.conftest import shared_file
-from tests.hub_standin import HubStandin
+from tests.hub_standin import COMMIT, HubStandin
 from tests.test_cli import llama2zh
 
 TS_KEY = "datasets/roneneldan/TinyStories/TinyStories_all_data.tar.gz"
@@ -126,7 +126,119 @@ def test_tokenizer_is_checked_against_the_registry_sha256(tmp_path):
     (["download", "tokenizer", "nosuch"], 1, "unknown tokenizer 'nosuch'; known: llama2en"),
     (["download", "sample", "extra"], 2, "takes no NAME"),
     (["download", "tinystories", "--from", "/nonexistent.tar.gz"], 1, "no such file"),
+    (["download", "corpus"], 2, "download corpus needs a NAME"),
+    (["download", "corpus", "nosuch"], 1, "unknown corpus 'nosuch'; known: wikipedia-cn, baidubaike, "),
+    (["download", "corpus", "wikipedia-cn", "--limit", "0"], 1, "--limit must be at least 1"),
+    (["download", "tinystories", "--limit", "3"], 2, "--limit applies to download corpus only"),
+    (["download", "sample", "--list"], 2, "--list applies to download model and download corpus only"),
 ])
 def test_download_usage_errors(tmp_path, args, status, message):
     result = llama2zh(*args, cwd=tmp_path)
     assert result.returncode == status and result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+# ---- download corpus: the registry's entries, served by the stand-in under their real repo ids ----
+
+WIKI = "datasets/pleisto/wikipedia-cn-20230720-filtered/"
+ARTICLES = [{"completion": f"第{i}篇文章的正文。", "source": "wikipedia.zh2307"} for i in range(6)]
+DPO = "datasets/hiyouga/DPO-En-Zh-20k/"
+
+
+def dpo_pairs(lang: str, n: int) -> bytes:
+    return json.dumps([{"conversations": [{"from": "human", "value": f"{lang} question {i}"}],
+                        "chosen": {"from": "gpt", "value": f"a good answer {i}"},
+                        "rejected": {"from": "gpt", "value": f"a bad answer {i}"}} for i in range(n)]).encode()
+
+
+DPO_FILES = {DPO + "dpo_en.json": dpo_pairs("en", 5), DPO + "dpo_zh.json": dpo_pairs("zh", 4),
+             DPO + "README.md": b"# card\n"}
+
+
+def corpus_env(hub, tmp_path) -> dict:
+    return hub_env(hub, HF_HOME=str(tmp_path / "hf"))
+
+
+def test_download_corpus_writes_text_records_up_to_the_limit_once(tmp_path):
+    records = [*ARTICLES[:2], {"completion": "  ", "source": "empty"}, *ARTICLES[2:]]
+    with HubStandin({WIKI + "wikipedia-cn-20230720-filtered.json": json.dumps(records).encode(),
+                     WIKI + "README.md": b"# card\n"}) as hub:
+        args = ("download", "corpus", "wikipedia-cn", "--dest", tmp_path / "data", "--limit", 4)
+        result = run(*args, env=corpus_env(hub, tmp_path), cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        target = tmp_path / "data" / "wikipedia-cn"
+        assert "4 records in 1 shards" in result.stdout and "1 without text skipped" in result.stdout
+        written = [json.loads(line) for line in (target / "part-00000.jsonl").read_text(encoding="utf-8").splitlines()]
+        assert written == [{"text": a["completion"]} for a in ARTICLES[:4]]
+        complete = json.loads((target / ".complete").read_text())
+        assert (complete["records"], complete["limit"], complete["revision"]) == (4, 4, COMMIT)
+        count = len(hub.requests)
+        again = run(*args, env=corpus_env(hub, tmp_path), cwd=tmp_path)
+        assert again.returncode == 0 and "already downloaded" in again.stdout and len(hub.requests) == count
+        other = run(*args[:-1], 5, env=corpus_env(hub, tmp_path), cwd=tmp_path)
+        assert other.returncode == 1 and other.stderr.count("\n") == 1 and "already downloaded with --limit 4" in \
+            other.stderr
+
+
+def test_download_corpus_interrupted_resumes_to_the_same_bytes_without_rereading(tmp_path):
+    from llama2zh.corpus.conversations import ReadReport
+    from llama2zh.corpus.preferences import read_preferences
+
+    args = ("download", "corpus", "dpo-en-zh-20k", "--dest")
+    with HubStandin(DPO_FILES) as hub:
+        whole = run(*args, tmp_path / "whole", env=corpus_env(hub, tmp_path), cwd=tmp_path)
+        assert whole.returncode == 0, whole.stderr
+    # the second file cannot be read (a mirror that lost it): the run stops after the first file's shard
+    with HubStandin(DPO_FILES, unreadable={DPO + "dpo_zh.json"}) as hub:
+        cut = run(*args, tmp_path / "cut", env=corpus_env(hub, tmp_path), cwd=tmp_path)
+        assert cut.returncode == 1 and cut.stderr.count("\n") == 1 and "cannot read" in cut.stderr
+        assert "dpo_zh.json" in cut.stderr and "404" in cut.stderr
+        target = tmp_path / "cut" / "dpo-en-zh-20k"
+        assert sorted(p.name for p in target.glob("part-*")) == ["part-00000.jsonl"]
+        assert not (target / ".complete").exists()
+        hub.unreadable.clear()
+        first = len(hub.requests)
+        resumed = run(*args, tmp_path / "cut", env=corpus_env(hub, tmp_path), cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+        assert not [r for r in hub.requests[first:] if r[1].endswith("dpo_en.json")]  # done before: not read again
+    names = sorted(p.name for p in (tmp_path / "whole" / "dpo-en-zh-20k").iterdir())
+    assert names == [".complete", ".journal", "part-00000.jsonl", "part-00001.jsonl"]
+    for name in names:
+        assert (target / name).read_bytes() == (tmp_path / "whole" / "dpo-en-zh-20k" / name).read_bytes()
+    report = ReadReport()  # the pairs in a form preferences.py reads
+    pairs = [pair for part in sorted(target.glob("part-*")) for pair in read_preferences(part, report, strict=True)]
+    assert len(pairs) == 9 and report.skipped == 0
+    assert pairs[5].prompt == [{"role": "user", "content": "zh question 0"}]
+    assert (pairs[5].chosen, pairs[5].rejected) == ("a good answer 0", "a bad answer 0")
+
+
+def test_download_corpus_builds_text_from_several_fields_and_names_a_record_that_does_not_fit(tmp_path):
+    baike = [{"title": "长城", "summary": "中国古代的军事防御工程。",
+              "sections": [{"title": "历史", "content": "始建于春秋战国时期。"}, {"title": "", "content": "  "}]},
+             {"title": "黄河", "summary": "", "sections": []}]
+    lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in baike).encode()
+    files = {"datasets/xuqinyang/BaiduBaike-5.63M/563w_baidubaike.json": lines,
+             "datasets/jingyaogong/minimind_dataset/pretrain_hq.jsonl": b'{"content": "not the field it reads"}\n'}
+    with HubStandin(files) as hub:
+        result = run("download", "corpus", "baidubaike", "--dest", tmp_path, env=corpus_env(hub, tmp_path),
+                     cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        written = (tmp_path / "baidubaike" / "part-00000.jsonl").read_text(encoding="utf-8").splitlines()
+        assert [json.loads(line)["text"] for line in written] == [
+            "长城\n\n中国古代的军事防御工程。\n\n历史\n\n始建于春秋战国时期。", "黄河"]
+        wrong = run("download", "corpus", "minimind-pretrain", "--dest", tmp_path, env=corpus_env(hub, tmp_path),
+                    cwd=tmp_path)
+        assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1
+        assert "pretrain_hq.jsonl: record 0 does not have the fields the registry expects" in wrong.stderr
+        assert "fields: content" in wrong.stderr
+
+
+def test_download_corpus_list_and_usage(tmp_path):
+    from llama2zh.corpus.registry import CORPORA
+
+    listed = llama2zh("download", "corpus", "--list", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    header, *rows = listed.stdout.splitlines()
+    assert header.split() == ["NAME", "KIND", "LANG", "SIZE", "REPO", "FILES", "LICENSE"]
+    assert [row.split()[0] for row in rows] == list(CORPORA)
+    assert all(c.repo in row and c.kind in row for c, row in zip(CORPORA.values(), rows, strict=True))
+    assert {c.kind for c in CORPORA.values()} == {"pretrain", "sft", "dpo"}

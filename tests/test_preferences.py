@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 
+import pandas as pd
 import pytest
 import sentencepiece as spm
 import torch
@@ -149,6 +150,31 @@ def test_the_forms_of_a_dataset_are_detected_per_file(tmp_path, tokenizer):
     assert splits["val"]["formats"] == {str(tmp_path / "val.jsonl"): "trl_chat"}
     assert (splits["train"]["pairs"], splits["val"]["pairs"]) == (4, 2)
     assert sequences(data, "train") == sequences(data, "val") * 2  # every form: the same ids
+
+
+def test_pairs_in_json_and_parquet_files_read_and_tokenize_as_in_jsonl(tmp_path, tokenizer):
+    pairs = [*PAIRS, TURNS]  # one with rejected_ends false: datasets gives the others None there, which is absent
+    (tmp_path / "jsonl").mkdir()
+    write_jsonl(tmp_path / "jsonl" / "train.jsonl", [record(p, "minimind") for p in pairs])
+    write_jsonl(tmp_path / "jsonl" / "val.jsonl", [record(p, "trl_chat") for p in pairs])
+    (tmp_path / "other").mkdir()
+    pd.DataFrame([record(p, "minimind") for p in pairs]).to_parquet(tmp_path / "other" / "train.parquet")
+    (tmp_path / "other" / "val.json").write_text(json.dumps([record(p, "trl_chat") for p in pairs]), encoding="utf-8")
+    for name in ("train.parquet", "val.json"):
+        report = ReadReport()
+        assert list(read_preferences(tmp_path / "other" / name, report, strict=True)) == pairs
+    jsonl, other = shards(tokenizer, tmp_path / "jsonl"), shards(tokenizer, tmp_path / "other")
+    for split in ("train", "val"):
+        assert sequences(other, split) == sequences(jsonl, split)
+    assert other.manifest["splits"]["train"]["formats"] == {str(tmp_path / "other" / "train.parquet"): "minimind"}
+    # a malformed record is named by its file and record number, skipped or (strict) stopped at
+    bad = [record(PAIRS[0], "trl"), {"prompt": "same", "chosen": "x", "rejected": "x"}]
+    (tmp_path / "bad.json").write_text(json.dumps(bad), encoding="utf-8")
+    report = ReadReport()
+    assert list(read_preferences(tmp_path / "bad.json", report)) == [PAIRS[0]]
+    assert report.problems == [f"{tmp_path / 'bad.json'}: record 1: chosen and rejected are the same reply"]
+    with pytest.raises(Malformed, match="bad.json: record 1: chosen and rejected"):
+        list(read_preferences(tmp_path / "bad.json", ReadReport(), strict=True))
 
 
 def test_the_mask_covers_exactly_the_reply(tmp_path, tokenizer):

@@ -9,6 +9,7 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import sentencepiece as spm
 import torch
@@ -135,6 +136,32 @@ def test_each_malformed_record_is_named_by_file_and_line(tmp_path, problem):
     assert report.problems[0].startswith(f"{path}:2: {problem}")
     with pytest.raises(Malformed, match=f"^{path}:2: {problem}"):
         list(read_conversations(path, ReadReport(), strict=True))
+
+
+def test_sft_data_from_parquet_and_json_files_tokenizes_as_from_jsonl(tmp_path):
+    model = tmp_path / "tokenizer.model"
+    model.write_bytes(add_chat_pieces(shared_file("tokenizers/llama2en/tokenizer.model").read_bytes())[0])
+    records = story_conversations(12)
+    for folder in ("jsonl", "other"):
+        (tmp_path / folder).mkdir()
+    write_jsonl(tmp_path / "jsonl" / "train.jsonl", records[:10])
+    write_jsonl(tmp_path / "jsonl" / "val.jsonl", records[10:])
+    pd.DataFrame(records[:10]).to_parquet(tmp_path / "other" / "train.parquet")
+    (tmp_path / "other" / "val.json").write_text(json.dumps(records[10:], ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "other" / "notes.txt").write_text("plain text is not conversation data\n")
+    jsonl, other = (tokenize_conversations(tmp_path / d, model, 256) for d in ("jsonl", "other"))
+    for name in ("train.bin", "train.mask", "val.bin", "val.mask"):
+        assert (other / name).read_bytes() == (jsonl / name).read_bytes()
+    splits = json.loads((other / "manifest.json").read_text())["splits"]
+    assert (splits["train"]["conversations"], splits["val"]["conversations"]) == (10, 2)
+    assert list(splits["train"]["formats"]) == [str(tmp_path / "other" / "train.parquet")]
+    # each form from a parquet file; a malformed record named by file and record number
+    alpaca = [{"instruction": "讲一个故事。", "input": "", "output": "从前……"}, {"instruction": "hi", "output": " "}]
+    pd.DataFrame(alpaca).to_parquet(tmp_path / "alpaca.parquet")
+    report = ReadReport()
+    assert list(read_conversations(tmp_path / "alpaca.parquet", report)) == [
+        [{"role": "user", "content": "讲一个故事。"}, {"role": "assistant", "content": "从前……"}]]
+    assert report.problems == [f"{tmp_path / 'alpaca.parquet'}: record 1: empty assistant content"]
 
 
 def test_sft_skips_malformed_records_in_one_summary_line_and_strict_stops(base, tmp_path):

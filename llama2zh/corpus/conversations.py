@@ -1,4 +1,5 @@
-"""Reading conversation files (.jsonl, one conversation a line) for instruction tuning.
+"""Reading conversation files for instruction tuning: .jsonl, one conversation a line, or any
+other structured format sources.py reads (.json array, .parquet, .csv), one conversation a record.
 
 Three forms, detected per file from its first well-formed record:
   native    {"conversations": [{"role": "system"|"user"|"assistant", "content": ...}, ...]}  (minimind's)
@@ -6,8 +7,11 @@ Three forms, detected per file from its first well-formed record:
   alpaca    {"instruction": ..., "input": ..., "output": ...} (input and "system" optional)
 Each becomes a list of {"role", "content"} messages. A malformed record (bad JSON, another
 form than the file's, an unknown role, a system message after the first, no assistant turn,
-an empty content) is a Malformed error naming the file and line; read_conversations skips
-and counts them, or with strict=True stops at the first.
+an empty content) is a Malformed error naming the file and line (the record's number, from 0,
+in the other formats); read_conversations skips and counts them, or with strict=True stops at the
+first. A .jsonl file is read line by line, not through datasets: a line that is not JSON is one
+malformed record there, where datasets would refuse the whole file, and records keep their own
+keys (datasets gives each the columns of all).
 """
 
 from __future__ import annotations
@@ -17,10 +21,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama2zh.corpus import sources
 from llama2zh.errors import UserError
 
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 SHOWN_PROBLEMS = 5  # malformed records reported one by one; the rest only counted
+SUFFIXES = tuple(suffix for suffix, builder in sources.BUILDERS.items() if builder != "text")  # a record each
 
 
 class Malformed(UserError):
@@ -95,15 +101,41 @@ class ReadReport:
 
 
 def read_conversations(path: Path, report: ReadReport, strict: bool = False) -> Iterator[list[dict]]:
-    """The conversations of one .jsonl file, malformed records skipped (and counted in report)."""
+    """The conversations of one file, malformed records skipped (and counted in report)."""
     return read_records(path, report, strict, detect_format, to_messages)
 
 
 def read_records(path: Path, report: ReadReport, strict: bool, detect: Callable, convert: Callable) -> Iterator:
-    """convert(record, form) of each record of one .jsonl file, the file's form detect(record) of
-    its first well-formed record; a Malformed record is skipped (and counted in report), or with
-    strict=True stops the reading, named by file and line."""
+    """convert(record, form) of each record of one file, the file's form detect(record) of its
+    first well-formed record; a Malformed record is skipped (and counted in report), or with
+    strict=True stops the reading, named by file and line (or record)."""
     form = None
+    for where, record in _parsed(path):
+        try:
+            if isinstance(record, Malformed):
+                raise record
+            form = form or detect(record)
+            value = convert(record, form)
+        except Malformed as e:
+            where = f"{where}: {e}"
+            if strict:
+                raise Malformed(where) from None
+            report.skipped += 1
+            if len(report.problems) < SHOWN_PROBLEMS:
+                report.problems.append(where)
+            continue
+        report.read += 1
+        report.formats[str(path)] = form
+        yield value
+
+
+def _parsed(path: Path) -> Iterator[tuple[str, object]]:
+    """(where, record) for each record of one file; where a .jsonl line is not JSON, a Malformed
+    in place of the record."""
+    if path.suffix != ".jsonl":
+        for record in sources.read_records([path], text_field=None):
+            yield f"{path}: record {record.index}", record.data
+        return
     try:
         handle = open(path, "rb")
     except OSError as e:
@@ -113,22 +145,9 @@ def read_records(path: Path, report: ReadReport, strict: bool, detect: Callable,
             if not line.strip():
                 continue
             try:
-                try:
-                    record = json.loads(line.decode("utf-8"))
-                except UnicodeDecodeError:
-                    raise Malformed("not UTF-8") from None
-                except json.JSONDecodeError as e:
-                    raise Malformed(f"not valid JSON ({e.msg})") from None
-                form = form or detect(record)
-                value = convert(record, form)
-            except Malformed as e:
-                where = f"{path}:{line_no}: {e}"
-                if strict:
-                    raise Malformed(where) from None
-                report.skipped += 1
-                if len(report.problems) < SHOWN_PROBLEMS:
-                    report.problems.append(where)
-                continue
-            report.read += 1
-            report.formats[str(path)] = form
-            yield value
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError:
+                record = Malformed("not UTF-8")
+            except json.JSONDecodeError as e:
+                record = Malformed(f"not valid JSON ({e.msg})")
+            yield f"{path}:{line_no}", record

@@ -50,7 +50,6 @@ def fetch(source: Source, cache: Path, hint: str = ", or pass --from PATH with a
     and the sha256 it should have: the registry's, else the hub's (an LFS file's etag).
     hint: what else the user can do, ending the error line."""
     import huggingface_hub
-    from huggingface_hub import constants
     from huggingface_hub.utils import logging as hub_logging
 
     hub_logging.set_verbosity_error()  # its retry warnings would bury our one-line error
@@ -60,12 +59,20 @@ def fetch(source: Source, cache: Path, hint: str = ", or pass --from PATH with a
         etag = huggingface_hub.get_hf_file_metadata(
             huggingface_hub.hf_hub_url(source.repo, source.file, repo_type=source.repo_type)).etag
     except Exception as e:  # the hub client raises many kinds (HTTP, offline, connection); one line says which
-        where = "offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else constants.ENDPOINT
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot download {source.repo}/{source.file} from {where}: {reason}. "
-                        f"Set HF_ENDPOINT to a mirror{hint}") from None
+        raise hub_failure(f"cannot download {source.repo}/{source.file}", e, hint) from None
     hub_sha = etag if etag and re.fullmatch(r"[0-9a-f]{64}", etag) else None
     return Path(path), source.sha256 or hub_sha
+
+
+def hub_failure(what: str, error: Exception, hint: str) -> UserError:
+    """The one line that says what the hub client could not do ("cannot download X"), where it
+    tried (the endpoint, or offline mode), why (the first line of its error) and what else the
+    user can do (hint)."""
+    from huggingface_hub import constants
+
+    where = "offline mode (HF_HUB_OFFLINE)" if constants.HF_HUB_OFFLINE else constants.ENDPOINT
+    reason = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".")
+    return UserError(f"{what} from {where}: {reason}. Set HF_ENDPOINT to a mirror{hint}")
 
 
 def check_sha256(path: Path, expected: str | None) -> str:

@@ -1,4 +1,5 @@
-"""Preference pairs (.jsonl, one pair a line) for `llama2zh dpo`: reading and tokenizing.
+"""Preference pairs (.jsonl, one pair a line, or .json/.parquet/.csv, one pair a record, as
+conversations.py reads files) for `llama2zh dpo`: reading and tokenizing.
 
 Three forms, detected per file from its first well-formed record:
   minimind   {"chosen": [messages], "rejected": [messages]}: two conversations, the same messages
@@ -75,7 +76,8 @@ def to_pair(record, form: str) -> Pair:
     """The record as a checked Pair."""
     if detect_form(record) != form:
         raise Malformed(f"a {detect_form(record)} record in a {form} file")
-    ends = record.get("rejected_ends", True)
+    ends = record.get("rejected_ends")
+    ends = True if ends is None else ends  # None: absent (datasets gives a record every column of its file)
     if not isinstance(ends, bool):
         raise Malformed("rejected_ends is not true or false")
     conversations = []
@@ -100,7 +102,7 @@ def to_pair(record, form: str) -> Pair:
 
 
 def read_preferences(path: Path, report: ReadReport, strict: bool = False) -> Iterator[Pair]:
-    """The pairs of one .jsonl file, malformed records skipped (and counted in report)."""
+    """The pairs of one file, malformed records skipped (and counted in report)."""
     return read_records(path, report, strict, detect_form, to_pair)
 
 
