@@ -379,11 +379,32 @@ def cmd_sample(args, overrides: list[str]) -> int:
 
 
 def cmd_pretokenize(args, overrides: list[str]) -> int:
-    from llama2zh.corpus.pretokenize import pretokenize
+    from llama2zh.corpus.pretokenize import SHARD_TOKENS, pretokenize, pretokenize_records
+    from llama2zh.corpus.shards import is_story_folder
+    from llama2zh.corpus.sources import source_files
 
-    if args.workers < 1:
-        raise ConfigError("--workers must be at least 1")
-    out = pretokenize(args.dataset_dir, args.tokenizer, lang=args.lang, workers=args.workers, force=args.force)
+    for flag, value, least in (("--workers", args.workers, 1), ("--shard-tokens", args.shard_tokens, 1),
+                               ("--val-permille", args.val_permille, 0)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} must be at least {least}")
+    if args.val_permille > 1000:
+        raise ConfigError("--val-permille must be at most 1000")
+    one = Path(args.sources[0]) if len(args.sources) == 1 else None
+    if one and args.text_field is None and is_story_folder(one):  # story shards, read as before
+        if args.shard_tokens is not None:
+            raise ConfigError("--shard-tokens applies to sources other than story shards (one output per input shard)")
+        out = pretokenize(one, args.tokenizer, lang=args.lang or "enzh", workers=args.workers,
+                          val_permille=args.val_permille, force=args.force, out_dir=args.out)
+    else:
+        if args.lang is not None:
+            raise ConfigError("--lang applies to story shards only (a folder of {\"story\": ...} records)")
+        files = source_files(args.sources)
+        if args.out is None and not (one and one.is_dir()):
+            raise ConfigError("--out DIR is needed unless SOURCE is one folder")
+        out = pretokenize_records(files, args.tokenizer, args.out or one / args.tokenizer.name,
+                                  text_field=args.text_field or "text", workers=args.workers,
+                                  val_permille=args.val_permille, shard_tokens=args.shard_tokens or SHARD_TOKENS,
+                                  force=args.force)
     print(f"wrote {out}")
     return 0
 
@@ -544,12 +565,26 @@ def build_parser() -> Parser:
     add_penalty_flags(p)
     p.set_defaults(func=cmd_sample)
 
-    p = commands.add_parser("pretokenize", help="story shards -> token shards (uint16/uint32) + manifest.json")
-    p.add_argument("dataset_dir", type=Path, metavar="DATASET_DIR")
+    p = commands.add_parser("pretokenize", help="text -> token shards (uint16/uint32) + manifest.json",
+                            description="Encode text into train_NNNN.bin/val_NNNN.bin token shards and manifest.json. "
+                            "One folder of story shards ({\"story\", \"story_en\"} records, TinyStories' layout) gives "
+                            "one output pair per shard in SOURCE/<tokenizer>; any other files or folders (.jsonl, "
+                            ".json, .parquet, .csv, .txt) stream into pairs of about --shard-tokens tokens. "
+                            "Rerun to resume.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE",
+                   help="a folder of story shards, or files or folders of records (.txt: a document per line)")
     p.add_argument("--tokenizer", type=Path, required=True, help="directory with tokenizer.model")
-    p.add_argument("--lang", choices=("en", "zh", "enzh"), default="enzh")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output folder (default: SOURCE/<tokenizer name>; needed for files or several sources)")
+    p.add_argument("--text-field", metavar="F",
+                   help="the records' text field (default: text); reads even a story folder as plain records")
+    p.add_argument("--lang", choices=("en", "zh", "enzh"), help="story shards: the language(s) to keep (default enzh)")
     p.add_argument("--workers", type=int, default=2, help="encoding processes (default 2)")
-    p.add_argument("--force", action="store_true", help="redo shards made with another tokenizer or setting")
+    p.add_argument("--val-permille", type=int, default=10, metavar="N",
+                   help="documents per 1000 that go to val, chosen by a hash (default 10)")
+    p.add_argument("--shard-tokens", type=int, metavar="N",
+                   help=f"tokens per output pair for sources other than story shards (default {1 << 26:,})")
+    p.add_argument("--force", action="store_true", help="redo shards made with another tokenizer, input or setting")
     p.set_defaults(func=cmd_pretokenize)
 
     p = commands.add_parser("clean", help="normalise, filter and deduplicate text files into .jsonl shards",
