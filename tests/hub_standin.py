@@ -10,7 +10,8 @@ resume and files stream in pieces. The API, for /api/models/... and /api/dataset
   {repo}/paths-info/{rev} (POST)     the entries of the paths named in the form's `paths`
 Every revision is the one commit, COMMIT. `cut_after` makes the first GET of a file stop after
 that many bytes, as a dropped connection; a file in `unreadable` is listed but its reads answer
-404 (a file gone, or a mirror that lost it), which stops a client mid-dataset.
+404 (a file gone, or a mirror that lost it), which stops a client mid-dataset; a read of a file
+in `held` waits until `release` is set (a client is caught mid-dataset, to be interrupted).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class HubStandin:
-    def __init__(self, files: dict[str, bytes], cut_after: int | None = None, unreadable: set[str] = frozenset()):
+    def __init__(self, files: dict[str, bytes], cut_after: int | None = None, unreadable: set[str] = frozenset(),
+                 held: set[str] = frozenset()):
         self.files = files  # "datasets/owner/name/file" or "owner/name/file" -> content
         self.cut_after = cut_after
         self.unreadable = set(unreadable)  # keys of files, as in files
+        self.held = set(held)
+        self.release = threading.Event()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         handler = type("Handler", (_Handler,), {"hub": self})
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -129,6 +133,8 @@ class _Handler(BaseHTTPRequestHandler):
         if self._api():
             return
         key, content = self._lookup()
+        if key in self.hub.held:
+            self.hub.release.wait()
         if content is None:
             self.send_error(404)
             return

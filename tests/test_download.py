@@ -1,15 +1,23 @@
-"""`llama2zh download` against a local stand-in for the hub (HF_ENDPOINT) and with --from."""
+"""`llama2zh download` against a local stand-in for the hub (HF_ENDPOINT) and with --from: the
+datasets, tokenizers, and the corpora of the registry (served under their real repo ids)."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import signal
+import subprocess
+import sys
 import tarfile
+import time
 
 import pytest
 
-from tests.conftest import shared_file
+from llama2zh.corpus.conversations import ReadReport
+from llama2zh.corpus.preferences import read_preferences
+from llama2zh.corpus.registry import CORPORA
+from tests.conftest import ROOT, shared_file
 from tests.hub_standin import COMMIT, HubStandin
 from tests.test_cli import llama2zh
 
@@ -44,11 +52,6 @@ def hub_env(hub: HubStandin, **extra) -> dict:
 
 
 def run(*args, env, cwd):
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-
     env = dict(env, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "llama2zh", *map(str, args)], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -180,9 +183,6 @@ def test_download_corpus_writes_text_records_up_to_the_limit_once(tmp_path):
 
 
 def test_download_corpus_interrupted_resumes_to_the_same_bytes_without_rereading(tmp_path):
-    from llama2zh.corpus.conversations import ReadReport
-    from llama2zh.corpus.preferences import read_preferences
-
     args = ("download", "corpus", "dpo-en-zh-20k", "--dest")
     with HubStandin(DPO_FILES) as hub:
         whole = run(*args, tmp_path / "whole", env=corpus_env(hub, tmp_path), cwd=tmp_path)
@@ -211,6 +211,30 @@ def test_download_corpus_interrupted_resumes_to_the_same_bytes_without_rereading
     assert (pairs[5].chosen, pairs[5].rejected) == ("a good answer 0", "a bad answer 0")
 
 
+def test_download_corpus_stopped_by_ctrl_c_resumes_to_the_same_bytes(tmp_path):
+    with HubStandin(DPO_FILES) as hub:
+        assert run("download", "corpus", "dpo-en-zh-20k", "--dest", tmp_path / "whole", env=corpus_env(hub, tmp_path),
+                   cwd=tmp_path).returncode == 0
+    target = tmp_path / "cut" / "dpo-en-zh-20k"
+    with HubStandin(DPO_FILES, held={DPO + "dpo_zh.json"}) as hub:  # the second file's read waits
+        command = [sys.executable, "-m", "llama2zh", "download", "corpus", "dpo-en-zh-20k", "--dest", tmp_path / "cut"]
+        process = subprocess.Popen(command, cwd=tmp_path, env=dict(corpus_env(hub, tmp_path), PYTHONPATH=str(ROOT)),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (target / "part-00000.jsonl").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == 130 and stderr.endswith("llama2zh: interrupted\n")
+        assert sorted(p.name for p in target.glob("part-*")) == ["part-00000.jsonl"]
+        hub.held.clear()
+        hub.release.set()
+        resumed = run(*command[3:], env=corpus_env(hub, tmp_path), cwd=tmp_path)
+        assert resumed.returncode == 0, resumed.stderr
+    for path in (tmp_path / "whole" / "dpo-en-zh-20k").iterdir():
+        assert (target / path.name).read_bytes() == path.read_bytes()
+
+
 def test_download_corpus_builds_text_from_several_fields_and_names_a_record_that_does_not_fit(tmp_path):
     baike = [{"title": "长城", "summary": "中国古代的军事防御工程。",
               "sections": [{"title": "历史", "content": "始建于春秋战国时期。"}, {"title": "", "content": "  "}]},
@@ -233,8 +257,6 @@ def test_download_corpus_builds_text_from_several_fields_and_names_a_record_that
 
 
 def test_download_corpus_list_and_usage(tmp_path):
-    from llama2zh.corpus.registry import CORPORA
-
     listed = llama2zh("download", "corpus", "--list", cwd=tmp_path)
     assert listed.returncode == 0, listed.stderr
     header, *rows = listed.stdout.splitlines()

@@ -91,7 +91,8 @@ def test_missing_and_unknown_paths_are_user_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "doc.pdf").write_bytes(b"%PDF")
     for path, message in ((tmp_path / "nope.jsonl", "no such file or folder"), (tmp_path / "empty", "no .jsonl"),
-                          (tmp_path / "doc.pdf", "unknown format")):
+                          (tmp_path / "doc.pdf", "unknown format"),
+                          ("missing/part.jsonl", "no such file or folder")):  # a file's name, not a hub id
         with pytest.raises(UserError, match=message):
             source_files([path])
 

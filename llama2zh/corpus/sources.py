@@ -33,7 +33,8 @@ from llama2zh.errors import UserError
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
 
 
-HUB_SOURCE = re.compile(r"(?:hf:/+datasets/)?([\w.-]+/[\w.-]+)(?:@([^/]+))?(?:/(.+))?")
+HUB_ID = r"\w[\w.-]*/\w[\w.-]*"
+HUB_URL = re.compile(rf"hf:/+datasets/({HUB_ID})(?:@([^/]+))?(?:/(.+))?")  # one slash once it has been a Path
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ def source_files(paths: Iterable[str | Path]) -> list[Path | HubFile]:
     files = []
     for source in paths:
         path = Path(source)
-        hub = HUB_SOURCE.fullmatch(str(source))
+        hub = _hub_source(str(source))
         if hub and not path.exists():
-            files.extend(hub_files(*hub.groups(), source=str(source)))
+            files.extend(hub_files(*hub, source=str(source)))
         elif path.is_dir():
             found = sorted(p for p in path.rglob("*") if p.suffix in BUILDERS and p.is_file())
             if not found:
@@ -96,6 +97,16 @@ def source_files(paths: Iterable[str | Path]) -> list[Path | HubFile]:
         else:
             files.append(path)
     return list(dict.fromkeys(files))
+
+
+def _hub_source(source: str) -> tuple[str, str | None, str | None] | None:
+    """(repo, revision, pattern) of a source that names a hub dataset: hf://datasets/..., or
+    owner/name (not owner/file.jsonl: that is a local file's name, missing)."""
+    if match := HUB_URL.fullmatch(source):
+        return match.groups()
+    if re.fullmatch(HUB_ID, source) and Path(source).suffix not in BUILDERS:
+        return source, None, None
+    return None
 
 
 def hub_files(repo: str, revision: str | None, pattern: str | None, source: str) -> list[HubFile]:
