@@ -8,14 +8,16 @@ run can resume.
   belongs in .jsonl
 
 A folder stands for the files with those suffixes under it, in sorted order. So does a dataset on
-the Hugging Face hub, named `owner/name` (when no such local path exists) or
-`hf://datasets/owner/name[@revision][/pattern]` (pattern: a file, folder or glob in the repo): its
-files are listed at one commit, through HF_ENDPOINT (a mirror), and streamed from there; with
-HF_HUB_OFFLINE=1 they are read from the local hub cache, which `hf download owner/name --repo-type
-dataset` fills. datasets gives every
-record of a file the same columns: a field a record lacks comes as None. A record whose text field
-is missing or not a string stops the stream with a UserError naming the file and the record,
-rather than being skipped: a wrong --text-field would otherwise silently read nothing.
+the Hugging Face hub, named `owner/name` (when no such local path exists, and not a data file's
+name) or `hf://datasets/owner/name[@revision][/pattern]` (pattern: a file, folder or glob in the
+repo): its files are listed at one commit, through HF_ENDPOINT (a mirror), and streamed from
+there; with HF_HUB_OFFLINE=1 they are read from the local hub cache, which `hf download owner/name
+--repo-type dataset` fills.
+
+datasets gives every record of a file the same columns: a field a record lacks comes as None. A
+record whose text field is missing or not a string stops the stream with a UserError naming the
+file and the record, rather than being skipped: a wrong --text-field would otherwise silently
+read nothing.
 """
 
 from __future__ import annotations
@@ -31,8 +33,6 @@ from llama2zh.corpus.download import hub_failure
 from llama2zh.errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}
-
-
 HUB_ID = r"\w[\w.-]*/\w[\w.-]*"
 HUB_URL = re.compile(rf"hf:/+datasets/({HUB_ID})(?:@([^/]+))?(?:/(.+))?")  # one slash once it has been a Path
 
