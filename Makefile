@@ -18,7 +18,7 @@ NATIVE  := $(shell $(CC) -march=native -x c -c /dev/null -o /dev/null 2>/dev/nul
 # OpenMP's idle worker threads may still be running its code; unmapping it under them crashes.
 SHARED  := -fPIC -shared -Wl,-z,nodelete
 
-.PHONY: run runportable lib venv test test-asan fuzz bench demo demo-align clean interop-table
+.PHONY: run runportable lib venv test test-asan fuzz bench gpu-check demo demo-align clean interop-table
 
 run: csrc/run.c $(ENGINE_DEPS)
 	$(CC) $(CFLAGS) $(NATIVE) $(OMP) $(WARN) -o run csrc/run.c $(ENGINE_SRC) -lm
@@ -142,6 +142,11 @@ fuzz: build/fuzz/fuzz_loaders build/fuzz/seeds/.done
 	@mkdir -p build/fuzz/corpus
 	build/fuzz/fuzz_loaders -max_total_time=$(FUZZ_TIME) -max_len=8192 -timeout=10 -rss_limit_mb=4096 \
 		-print_final_stats=1 -artifact_prefix=build/fuzz/ build/fuzz/corpus build/fuzz/seeds
+
+# The training loop on a CUDA GPU: tokens/s, MFU and peak memory of the 15M, 42M and 110M shapes on
+# random tokens (needs a CUDA build of torch in .venv; says so and exits 1 without a GPU).
+gpu-check: venv
+	$(VPY) -m llama2zh.gpu_check
 
 # Speed, each figure a ratio against a baseline measured in the same run (this machine is noisy).
 bench: venv run lib

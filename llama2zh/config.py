@@ -69,7 +69,7 @@ class Config:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0: no clipping
     dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 uses a gradient scaler)
-    compile: bool = False  # torch.compile the model
+    compile: bool = True  # torch.compile the model on CUDA (CPU runs stay eager: compiling costs more than it saves)
     device: str = "auto"  # auto | cpu | cuda
     eval_interval: int = 200
     eval_iters: int = 20  # val batches per loss estimate

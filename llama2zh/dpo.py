@@ -79,8 +79,9 @@ class DPOTrainer(Trainer):
             return {}
         chosen, rejected = (torch.cat(side) for side in zip(*self.rewards[split], strict=True))
         self.rewards[split] = []
-        return {"reward_accuracy": self.dist.average((chosen > rejected).float().mean().item()),
-                "reward_margin": self.dist.average((chosen - rejected).mean().item())}
+        accuracy, margin = self.dist.average(torch.stack([(chosen > rejected).float().mean(),
+                                                          (chosen - rejected).mean()])).tolist()
+        return {"reward_accuracy": accuracy, "reward_margin": margin}
 
 
 def dpo_trainer(config: Config, resume: bool = True, strict: bool = False) -> DPOTrainer:

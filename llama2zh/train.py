@@ -1,10 +1,14 @@
 """`llama2zh train`: the training loop, the same on a laptop CPU, one GPU or many (torchrun).
 
-AdamW (weight decay on 2-D weights only), warmup then cosine decay, gradient accumulation
-and clipping, bf16 autocast (fp16 with a gradient scaler where bf16 is missing), optional
-torch.compile, seeded data order. A NaN or infinite loss stops the run with a clear message
-and leaves the last good checkpoint in place. Checkpoints are atomic and hold everything a
-resumed run needs to continue exactly (model, optimizer, scaler, step, data generator);
+AdamW (weight decay on 2-D weights only; fused on CUDA), warmup then cosine decay, gradient
+accumulation and clipping, bf16 autocast (fp16 with a gradient scaler where bf16 is missing),
+seeded data order. On CUDA: torch.compile (unless compile = false; eager, with one warning, when
+it fails), TF32 matmuls, and a loop that never waits for the GPU between log intervals: the
+losses stay on the device and are read once per log interval, and the next micro-batches are
+drawn on a background thread into pinned memory and copied without blocking. A NaN or infinite
+loss (found at the next read, and before every save) stops the run with a clear message and
+leaves the last good checkpoint in place. Checkpoints are atomic and hold everything a resumed
+run needs to continue exactly (model, optimizer, scaler, step, data generator and counts);
 Ctrl-C saves one and exits cleanly. Each evaluation appends to metrics.jsonl.
 With lora_rank > 0 (on init_from) the model is frozen and only LoRA adapters (lora.py) are
 optimized and saved, with the base checkpoint's sha256, which a resume checks.
@@ -15,8 +19,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import queue
 import shutil
 import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, replace
@@ -69,13 +76,14 @@ class Distributed:
     def main(self) -> bool:
         return self.rank == 0
 
-    def average(self, value: float) -> float:
-        """The mean of value over all processes (every rank gets the same number, so all stop together)."""
+    def average(self, values: torch.Tensor) -> torch.Tensor:
+        """values averaged element-wise over all processes (every rank gets the same numbers, so all stop
+        together); on the training device, since NCCL reduces only GPU tensors."""
         if not self.enabled:
-            return value
-        tensor = torch.tensor([value], dtype=torch.float64)
-        torch.distributed.all_reduce(tensor)
-        return tensor.item() / self.world
+            return values
+        values = values.to(torch.float64, copy=True)  # all_reduce works in place
+        torch.distributed.all_reduce(values)
+        return values / self.world
 
     def close(self):
         if self.enabled:
@@ -103,6 +111,69 @@ def autocast_context(dtype: str, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float16)
 
 
+class Prefetcher:
+    """Training micro-batches drawn ahead on a background thread, so that the GPU never waits for the
+    CPU to cut windows (pinned, for a copy that does not block the host). Each batch comes with the
+    data state right after it was drawn: what a checkpoint keeps for a resumed run to draw the batch
+    after the last one trained on, however far ahead the thread is."""
+
+    def __init__(self, draw, state, pin: bool, depth: int = 4):
+        self.queue = queue.Queue(depth)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._work, args=(draw, state, pin), daemon=True)
+        self.thread.start()
+
+    def _work(self, draw, state, pin: bool) -> None:
+        try:
+            while not self.stop.is_set():
+                batch = draw()
+                if pin:  # contiguous first: a strided view would be copied to the GPU through pageable memory
+                    batch = tuple(t if t is None else t.contiguous().pin_memory() for t in batch)
+                self._put((batch, state()))
+        except Exception as e:  # raised again where the batch is taken
+            self._put((e, None))
+
+    def _put(self, item) -> None:
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def next(self) -> tuple[tuple, dict]:
+        batch, state = self.queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        return batch, state
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def compiled(model: Transformer, x: torch.Tensor, dtype: str):
+    """torch.compile'd model, tried on one forward and backward of x; when compiling fails (no
+    Triton, no C compiler, an op it cannot trace), the model itself, with one warning."""
+    rng = torch.get_rng_state(), torch.cuda.get_rng_state(x.device) if x.device.type == "cuda" else None
+    try:
+        fast = torch.compile(model)
+        with autocast_context(dtype, x.device):
+            fast(x).float().mean().backward()
+        return fast
+    except Exception as e:
+        while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
+            e = inner  # dynamo wraps what failed in its own exceptions
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        print(f"warning: torch.compile failed ({type(e).__name__}: {reason}); training without it", file=sys.stderr)
+        return model
+    finally:  # the trial leaves no trace: no gradients, the dropout generators where they were
+        model.zero_grad(set_to_none=True)
+        torch.set_rng_state(rng[0])
+        if rng[1] is not None:
+            torch.cuda.set_rng_state(rng[1], x.device)
+
+
 class Trainer:
     """The loop every stage shares. A stage brings its data (an object with .batch(split, rows,
     seq_len, generator, rank, world) -> (inputs, targets, segments); target -1 is not trained
@@ -117,6 +188,7 @@ class Trainer:
         self.device = pick_device(c, self.dist)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
+            torch.set_float32_matmul_precision("high")  # TF32 for the matmuls that stay in fp32
         self.run_dir = Path(c.out_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.data, self.model = data, model
@@ -132,9 +204,15 @@ class Trainer:
         self.data_rng = torch.Generator().manual_seed(c.seed)
         torch.manual_seed(c.seed + self.dist.rank)  # the global generator: dropout's draws (LoRA)
         self.step, self.best_val, self.tokens_seen = 0, math.inf, 0
+        self.pending = []  # the mean losses of the steps since the last read, on the device
         if resume and (self.run_dir / "ckpt.pt").exists():
             self._restore(self.run_dir / "ckpt.pt")
-        self.forward_model = torch.compile(self.model) if c.compile else self.model
+        self.data_state = self._data_state()  # after the last micro-batch trained on
+        self.prefetcher = None  # started by the first step
+        self.forward_model = self.model
+        if c.compile and self.device.type == "cuda":  # on a CPU, compiling costs more than it saves
+            trial = torch.zeros(c.batch_size, c.max_seq_len, dtype=torch.long, device=self.device)
+            self.forward_model = compiled(self.model, trial, self.dtype)
         if self.dist.enabled:
             self.forward_model = torch.nn.parallel.DistributedDataParallel(
                 self.forward_model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -177,9 +255,7 @@ class Trainer:
             self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"]["adamw"])
         self.scaler.load_state_dict(state["optimizer"]["scaler"])
-        self.data_rng.set_state(state["optimizer"]["data_rng"])
-        if isinstance(self.data, Mixture) and "data" in state["optimizer"]:  # older runs: counted from here
-            self.data.load_state_dict(state["optimizer"]["data"])
+        self._set_data_state({"rng": state["optimizer"]["data_rng"], "data": state["optimizer"].get("data")})
         if "torch_rng" in state["optimizer"]:  # dropout's draws (LoRA)
             torch.set_rng_state(state["optimizer"]["torch_rng"])
             if self.device.type == "cuda" and state["optimizer"].get("cuda_rng") is not None:
@@ -197,15 +273,33 @@ class Trainer:
             with atomic_output(path) as tmp:
                 tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
+    def _data_state(self) -> dict:
+        """The data generator's state, and a mix's counts: where the draws stand."""
+        return {"rng": self.data_rng.get_state(),
+                "data": self.data.state_dict() if isinstance(self.data, Mixture) else None}
+
+    def _set_data_state(self, state: dict) -> None:
+        self.data_rng.set_state(state["rng"])
+        if isinstance(self.data, Mixture) and state["data"] is not None:  # older runs: counted from here
+            self.data.load_state_dict(state["data"])
+
     def save(self, name: str = "ckpt.pt") -> None:
+        """Saves the run (on the main process); refuses weights that are not finite (a NaN or infinite
+        loss since the last read reaches them at the step's update), so no checkpoint ever holds them."""
         if not self.dist.main:
             return
+        trained = [p for p in self.model.parameters() if p.requires_grad]
+        if not torch.stack([p.isfinite().all() for p in trained]).all():
+            for i, loss in enumerate(torch.stack(self.pending).tolist() if self.pending else []):
+                if not math.isfinite(loss):
+                    raise self._non_finite(loss, self.step - len(self.pending) + i)
+            raise NonFiniteLoss(f"the weights are not finite at step {self.step}; stopped, {self.run_dir / 'ckpt.pt'} "
+                                "holds the last good state (try a lower learning_rate, or dtype = bfloat16)")
         training_state = {"adamw": self.optimizer.state_dict(), "scaler": self.scaler.state_dict(),
-                          "data_rng": self.data_rng.get_state(), "torch_rng": torch.get_rng_state(),
+                          "data_rng": self.data_state["rng"], "data": self.data_state["data"],
+                          "torch_rng": torch.get_rng_state(),
                           "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                           "best_val": self.best_val}
-        if isinstance(self.data, Mixture):
-            training_state["data"] = self.data.state_dict()
         save_checkpoint(self.run_dir / name, self.model, config=asdict(self.c),
                         tokenizer_sha256=self.tokenizer_sha256, step=self.step, optimizer=training_state,
                         run_info=self.run_info)
@@ -213,7 +307,24 @@ class Trainer:
     def micro_batch(self, split: str, rng: torch.Generator, data=None):
         batch = (data or self.data).batch(split, self.c.batch_size, self.c.max_seq_len, rng, self.dist.rank,
                                           self.dist.world)
-        return tuple(t if t is None else t.to(self.device) for t in batch)
+        return tuple(t if t is None else t.to(self.device, non_blocking=True) for t in batch)
+
+    def next_batch(self):
+        """The next training micro-batch, on the device, from the prefetching thread."""
+        if self.prefetcher is None:
+            c, dist = self.c, self.dist
+            self.prefetcher = Prefetcher(
+                lambda: self.data.batch("train", c.batch_size, c.max_seq_len, self.data_rng, dist.rank, dist.world),
+                self._data_state, pin=self.device.type == "cuda")
+        batch, self.data_state = self.prefetcher.next()
+        return tuple(t if t is None else t.to(self.device, non_blocking=True) for t in batch)
+
+    def close(self) -> None:
+        """Stops the prefetching thread; the data generator is put back after the last batch trained on."""
+        if self.prefetcher is not None:
+            self.prefetcher.close()
+            self.prefetcher = None
+            self._set_data_state(self.data_state)
 
     def batch_tokens(self, batch) -> int:
         """The tokens a micro-batch puts through the model (its inputs)."""
@@ -246,29 +357,27 @@ class Trainer:
 
     def _mean_val_loss(self, data) -> float:
         rng = torch.Generator().manual_seed(self.c.seed + 1)
-        losses = [self.loss(*self.micro_batch("val", rng, data), model=self.model).item()
-                  for _ in range(self.c.eval_iters)]
-        return sum(losses) / len(losses)
+        losses = [self.loss(*self.micro_batch("val", rng, data), model=self.model) for _ in range(self.c.eval_iters)]
+        return torch.stack(losses).mean().item()
 
-    def train_step(self) -> float:
-        """One optimizer step over grad_accum micro-batches; returns the mean loss."""
+    def train_step(self) -> torch.Tensor:
+        """One optimizer step over grad_accum micro-batches; returns this process's mean loss, a tensor on
+        the device that nothing waits for (read_losses reads the steps' losses together)."""
         lr = learning_rate(self.step, self.c)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for micro in range(self.c.grad_accum):
-            batch = self.micro_batch("train", self.data_rng)
+            batch = self.next_batch()
             self.tokens_seen += self.batch_tokens(batch) * self.dist.world
             last = micro == self.c.grad_accum - 1
             sync = self.forward_model.no_sync() if self.dist.enabled and not last else nullcontext()
             with sync:
                 loss = self.loss(*batch)
                 self.scaler.scale(loss / self.c.grad_accum).backward()
-            total += loss.item()
-        mean = self.dist.average(total / self.c.grad_accum)
-        if not math.isfinite(mean):
-            raise NonFiniteLoss(f"loss became {mean} at step {self.step}; stopped, {self.run_dir / 'ckpt.pt'} "
-                                "holds the last good state (try a lower learning_rate, or dtype = bfloat16)")
+            total += loss.detach()
+        mean = total / self.c.grad_accum
+        self.pending.append(mean)
         if self.c.grad_clip > 0:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.c.grad_clip)
@@ -278,6 +387,26 @@ class Trainer:
         self.step += 1
         return mean
 
+    def _non_finite(self, loss: float, step: int) -> NonFiniteLoss:
+        return NonFiniteLoss(f"loss became {loss} at step {step}; stopped, {self.run_dir / 'ckpt.pt'} "
+                             "holds the last good state (try a lower learning_rate, or dtype = bfloat16)")
+
+    def read_losses(self) -> list[float]:
+        """The mean losses (over all processes) of the steps since the last read: the loop's one wait for
+        the device. Raises NonFiniteLoss at the first that is NaN or infinite."""
+        if not self.pending:
+            return []
+        losses = self.dist.average(torch.stack(self.pending)).tolist()
+        for i, loss in enumerate(losses):
+            if not math.isfinite(loss):  # kept pending: a save after this names the same step
+                raise self._non_finite(loss, self.step - len(losses) + i)
+        self.pending = []
+        return losses
+
+    def epochs(self) -> dict[str, float]:
+        """A mix's epochs per dataset as of the last micro-batch trained on (other data: none)."""
+        return self.data.epochs(self.data_state["data"]["drawn"]) if isinstance(self.data, Mixture) else {}
+
     def log(self, record: dict) -> None:
         if self.dist.main:
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
@@ -286,30 +415,29 @@ class Trainer:
     def run(self) -> None:
         """Trains to max_iters; on Ctrl-C finishes the step in flight, saves, raises KeyboardInterrupt."""
         c = self.c
-        flops_per_token = 6 * sum(p.numel() for p in self.model.parameters()) + \
-            12 * c.n_layers * c.dim * c.max_seq_len
-        peak = peak_flops(self.device)
+        flops, peak = flops_per_token(self.model), peak_flops(self.device)
         interrupted = []
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
         bar = tqdm(total=c.max_iters, initial=self.step, unit="step", desc="train", disable=not self.dist.main)
-        started, self.tokens_seen = time.perf_counter(), 0
+        started, self.tokens_seen, loss = time.perf_counter(), 0, math.nan
         try:
             while self.step < c.max_iters and not interrupted:
-                loss = self.train_step()
+                self.train_step()
                 bar.update()
                 if self.step % c.log_interval == 0 or self.step == c.max_iters:
+                    loss = self.read_losses()[-1]
                     rate = self.tokens_seen / (time.perf_counter() - started)
-                    mfu = rate * flops_per_token / peak
+                    speed = {"tokens_per_s": rate, **({"mfu": rate * flops / peak} if peak else {})}
                     extra = self.reported("train")
-                    epochs = self.data.epochs() if isinstance(self.data, Mixture) else {}
+                    epochs = self.epochs()
                     shown = {"epochs": " ".join(f"{n}:{e:.2f}" for n, e in epochs.items())} if epochs else {}
                     bar.set_postfix(loss=f"{loss:.3f}", **{k: f"{v:.3f}" for k, v in extra.items()},
-                                    tok_s=f"{rate:,.0f}", mfu=f"{mfu:.1%}", **shown)
-                    self.log({"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, c),
-                              "tokens_per_s": rate, "mfu": mfu, **{f"epochs/{n}": e for n, e in epochs.items()},
-                              **extra})
+                                    tok_s=f"{rate:,.0f}", **({"mfu": f"{speed['mfu']:.1%}"} if peak else {}), **shown)
+                    self.log({"step": self.step, "loss": loss, "lr": learning_rate(self.step - 1, c), **speed,
+                              **{f"epochs/{n}": e for n, e in epochs.items()}, **extra})
                     started, self.tokens_seen = time.perf_counter(), 0
                 if self.step % c.eval_interval == 0 or self.step == c.max_iters:
+                    loss = (self.read_losses() or [loss])[-1]  # nothing left to read after a log at this step
                     extra = self.estimate_val_loss()
                     val = extra.pop("val_loss")
                     extra.update({f"val_{k}": v for k, v in self.reported("val").items()})
@@ -320,24 +448,51 @@ class Trainer:
                         self.best_val = val
                         self.save("best.pt")
                     self.save()
+            self.read_losses()
         finally:
             bar.close()
             signal.signal(signal.SIGINT, previous)
+            self.close()
         self.save()
         if interrupted:
             raise KeyboardInterrupt
 
 
-def peak_flops(device: torch.device) -> float:
-    """FLOP/s of a large fp32 matmul on this device, measured: the yardstick for the MFU estimate."""
-    n = 1024
-    a = torch.rand(n, n, device=device, generator=torch.Generator(device).manual_seed(0))  # not the global one
+# Dense bf16 peak FLOP/s of known GPUs, by a part of the name CUDA gives (the first match wins).
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12),
+             ("A100", 312e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("RTX 4090", 165e12),
+             ("RTX 3090", 71e12))
+
+
+def known_peak_flops(name: str) -> float | None:
+    return next((flops for key, flops in PEAK_BF16 if key in name), None)
+
+
+def measured_peak_flops(device: torch.device, n: int = 4096, dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of an n x n matmul in dtype on device, measured."""
+    generator = torch.Generator(device).manual_seed(0)  # not the global one
+    a = torch.rand(n, n, device=device, generator=generator).to(dtype)
     (a @ a).sum().item()  # warm up
     start = time.perf_counter()
-    for _ in range(4):
+    for _ in range(8):
         b = a @ a
     b.sum().item()
-    return 4 * 2 * n**3 / (time.perf_counter() - start)
+    return 8 * 2 * n**3 / (time.perf_counter() - start)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The yardstick of MFU: the GPU's dense bf16 peak, from the table or else measured; None on a CPU,
+    whose speed is reported in tokens/s only."""
+    if device.type != "cuda":
+        return None
+    return known_peak_flops(torch.cuda.get_device_name(device)) or measured_peak_flops(device)
+
+
+def flops_per_token(model: Transformer) -> float:
+    """Training FLOPs per token: 6 per parameter (forward and backward) plus attention's 12 * layers *
+    dim * context (PaLM's appendix B; the causal mask's skipped half is counted, as is usual)."""
+    a = model.args
+    return 6 * sum(p.numel() for p in model.parameters()) + 12 * a.n_layers * a.dim * a.max_seq_len
 
 
 def finish_run(run_dir: Path, tokenizer_model: Path) -> None:

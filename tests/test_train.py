@@ -19,6 +19,7 @@ from llama2zh.checkpoint import load_checkpoint
 from llama2zh.config import Config, load_config
 from llama2zh.corpus.pretokenize import pretokenize
 from llama2zh.corpus.sample import write_sample
+from llama2zh.errors import UserError
 from llama2zh.evaluate import evaluate
 from llama2zh.train import NonFiniteLoss, pretraining_trainer, train
 from llama2zh.vocab.train import train_tokenizer
@@ -114,18 +115,32 @@ def test_two_gloo_processes_match_one_at_the_same_global_batch(data):
         assert abs(one[step] - two[step]) <= 1e-4, (step, one[step], two[step])
 
 
-def test_nan_mid_run_stops_and_keeps_the_last_good_checkpoint(data):
-    trainer = pretraining_trainer(config(data, "nan"), resume=False)
+@pytest.mark.parametrize("log_interval", [1, 4])
+def test_nan_mid_run_stops_and_keeps_the_last_good_checkpoint(data, log_interval):
+    """Losses are read once per log interval; a NaN among them names its step, and no save holds it."""
+    out = f"nan-{log_interval}"
+    trainer = pretraining_trainer(config(data, out, log_interval=log_interval, eval_interval=5), resume=False)
     for _ in range(3):
         trainer.train_step()
     trainer.save()
     with torch.no_grad():
         trainer.model.layers[0].attention.wq.weight[0, 0] = math.nan
     with pytest.raises(NonFiniteLoss, match="loss became nan at step 3"):
-        trainer.train_step()
-    model, state = load_checkpoint(data / "out" / "nan" / "ckpt.pt")
+        trainer.run()  # log_interval 4: found at step 4's read, before step 5's save
+    assert trainer.step == 4 and trainer.prefetcher is None
+    model, state = load_checkpoint(data / "out" / out / "ckpt.pt")
     assert state["step"] == 3
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    with pytest.raises(NonFiniteLoss, match="loss became nan at step 3"):
+        trainer.save()  # the weights are NaN now: a direct save is refused too
+    assert load_checkpoint(data / "out" / out / "ckpt.pt")[1]["step"] == 3
+
+
+def test_a_data_error_on_the_prefetching_thread_reaches_the_step(data):
+    trainer = pretraining_trainer(config(data, "too-long", max_seq_len=300_000), resume=False)
+    with pytest.raises(UserError, match=r"shorter than max_seq_len \+ 1 = 300001 tokens"):
+        trainer.train_step()
+    trainer.close()
 
 
 def test_ctrl_c_saves_and_a_rerun_resumes(data):
