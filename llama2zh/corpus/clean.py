@@ -178,7 +178,8 @@ def clean(sources: list[str | Path], out_dir: Path, text_field: str = "text", ru
         except re.error as e:
             raise UserError(f"boilerplate pattern {pattern!r}: {e}") from None
     files = source_files(sources)
-    settings = {"sources": [describe(f) for f in files], "text_field": text_field,
+    # format 2: shards have .sig files beside them; a folder made before them cannot be continued
+    settings = {"format": 2, "sources": [describe(f) for f in files], "text_field": text_field,
                 "rules": asdict(rules), "shard_docs": shard_docs}
     settings = json.loads(json.dumps(settings))  # as the journal gives it back: lists for tuples
     out_dir.mkdir(parents=True, exist_ok=True)
