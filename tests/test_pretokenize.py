@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import zlib
 
 import numpy as np
@@ -19,7 +24,7 @@ from llama2zh.corpus.dataset import TokenShards
 from llama2zh.corpus.pretokenize import is_val, pretokenize, pretokenize_records
 from llama2zh.corpus.shards import documents, is_story_folder, shard_paths
 from llama2zh.corpus.sources import source_files
-from tests.conftest import shared_file
+from tests.conftest import ROOT, shared_file
 from tests.test_cli import llama2zh
 
 
@@ -253,6 +258,32 @@ def test_shards_workers_and_resume_give_the_same_bytes(texts, tokenizer, tmp_pat
 
     shards = TokenShards(one)
     assert shards.tokens("train") == sum(map(len, train)) and shards.tokens("val") == sum(map(len, val)) > 0
+
+
+def test_ctrl_c_stops_cleanly_and_a_rerun_finishes_the_same_bytes(texts, tokenizer, tmp_path):
+    source = write_source("jsonl", tmp_path / "src", texts * 20)
+    args = ["pretokenize", str(source), "--tokenizer", str(tokenizer), "--shard-tokens", "5000"]
+    assert llama2zh(*args, "--out", tmp_path / "whole").returncode == 0
+    cut = tmp_path / "cut"
+    # Ctrl-C reaches the whole process group, workers included (SIGINT as a terminal delivers it)
+    run = subprocess.Popen([sys.executable, "-m", "llama2zh", *args, "--out", str(cut)], cwd=ROOT,
+                           env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300  # a safety net against a hang, not a speed requirement
+    while not (cut / "manifest.json").exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    os.killpg(run.pid, signal.SIGINT)
+    try:
+        _, stderr = run.communicate(timeout=300)  # a pool whose worker died holding its queue's lock hangs here
+    finally:
+        run.kill()
+    assert run.returncode == 130 and stderr.splitlines()[-1] == "llama2zh: interrupted", stderr
+    done = json.loads((cut / "manifest.json").read_text())["shards"]
+    assert 0 < len(done) < len(json.loads((tmp_path / "whole" / "manifest.json").read_text())["shards"])
+    assert llama2zh(*args, "--out", cut).returncode == 0
+    assert {p.name: p.read_bytes() for p in cut.iterdir()} == {p.name: p.read_bytes() for p in (tmp_path / "whole"
+                                                                                                 ).iterdir()}
 
 
 def test_a_resumed_run_reads_on_from_the_last_finished_pair(texts, tokenizer, tmp_path):
