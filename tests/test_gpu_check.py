@@ -1,5 +1,5 @@
 """The GPU loop's device-independent parts, on the CPU: the peak table, MFU's inputs, the measurement
-that `make gpu-check` runs (a tiny shape), the compile fallback, the prefetcher's errors."""
+that `make gpu-check` runs (a tiny shape), the compile fallback, and a step that never waits for the device."""
 
 from __future__ import annotations
 
@@ -7,13 +7,23 @@ import functools
 import math
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
+from llama2zh.config import Config
 from llama2zh.gpu_check import RandomTokens, measure
 from llama2zh.model import ModelArgs, Transformer
-from llama2zh.train import compiled, flops_per_token, known_peak_flops, measured_peak_flops, peak_flops
+from llama2zh.train import (
+    Trainer,
+    compiled,
+    flops_per_token,
+    known_peak_flops,
+    make_optimizer,
+    measured_peak_flops,
+    peak_flops,
+)
 from tests.conftest import ROOT
 
 
@@ -76,3 +86,34 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(monkeypatch, cap
     assert warning.count("\n") == 1 and warning.startswith("warning: torch.compile failed (") and \
         "no compiler here" in warning and "training without it" in warning
     assert all(p.grad is None for p in model.parameters()) and torch.equal(torch.get_rng_state(), rng)
+
+
+def test_a_training_step_never_reads_a_tensor_on_the_host(monkeypatch, tmp_path):
+    """What a GPU would wait for: no .item(), .tolist(), bool() or float() of a tensor on the loop's thread
+    (the prefetching thread reads its CPU tensors freely); losses are read once, by read_losses."""
+    config = Config(dim=32, n_layers=2, n_heads=2, max_seq_len=16, batch_size=2, grad_accum=2, device="cpu",
+                    dtype="bfloat16", out_dir=str(tmp_path))
+    model = Transformer(config.model_args(64))
+    trainer = Trainer(config, RandomTokens(64), model, tokenizer_sha256="", resume=False)
+    trainer.optimizer = make_optimizer(model, config, fused=True)  # CUDA's (the CPU's reads its step count)
+    trainer.train_step()
+    trainer.read_losses()
+    reads = []
+
+    def watched(name):
+        real = getattr(torch.Tensor, name)
+
+        def read(self, *args):
+            if threading.current_thread() is threading.main_thread():
+                reads.append(name)
+            return real(self, *args)
+        return read
+
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, watched(name))
+    for _ in range(3):
+        trainer.train_step()
+    assert reads == []
+    losses = trainer.read_losses()
+    assert len(losses) == 3 and reads == ["tolist"]
+    trainer.close()
