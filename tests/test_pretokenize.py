@@ -25,6 +25,7 @@ from llama2zh.corpus.pretokenize import is_val, pretokenize, pretokenize_records
 from llama2zh.corpus.shards import documents, is_story_folder, shard_paths
 from llama2zh.corpus.sources import source_files
 from tests.conftest import ROOT, shared_file
+from tests.hub_standin import COMMIT, HubStandin
 from tests.test_cli import llama2zh
 
 
@@ -284,6 +285,25 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes_the_same_bytes(texts, tokeniz
     assert llama2zh(*args, "--out", cut).returncode == 0
     assert {p.name: p.read_bytes() for p in cut.iterdir()} == {p.name: p.read_bytes() for p in (tmp_path / "whole"
                                                                                                  ).iterdir()}
+
+
+def test_a_hub_dataset_gives_the_bytes_its_local_copy_does(texts, tokenizer, tmp_path):
+    local = write_source("folder", tmp_path / "local", texts)
+    repo = {f"datasets/owner/corpus/{p.relative_to(local).as_posix()}": p.read_bytes()
+            for p in local.rglob("*") if p.is_file()}
+    mine = pretokenize_records(source_files([local]), tokenizer, tmp_path / "mine", shard_tokens=5000)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1")
+    env.pop("HF_HUB_OFFLINE", None)
+    with HubStandin(repo) as hub:
+        result = subprocess.run([sys.executable, "-m", "llama2zh", "pretokenize", "owner/corpus", "--tokenizer",
+                                 str(tokenizer), "--out", str(tmp_path / "hub"), "--shard-tokens", "5000"],
+                                env=dict(env, HF_ENDPOINT=hub.url), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "hub").glob("*.bin")} == {
+        p.name: p.read_bytes() for p in mine.glob("*.bin")}
+    sources = json.loads((tmp_path / "hub" / "manifest.json").read_text())["sources"]
+    assert [(s["repo"], s["revision"], s["path"]) for s in sources] == [
+        ("owner/corpus", COMMIT, path) for path in ("a/docs.jsonl", "a/docs.parquet", "b.txt")]
 
 
 def test_a_resumed_run_reads_on_from_the_last_finished_pair(texts, tokenizer, tmp_path):
