@@ -569,10 +569,11 @@ def build_parser() -> Parser:
                             description="Encode text into train_NNNN.bin/val_NNNN.bin token shards and manifest.json. "
                             "One folder of story shards ({\"story\", \"story_en\"} records, TinyStories' layout) gives "
                             "one output pair per shard in SOURCE/<tokenizer>; any other files or folders (.jsonl, "
-                            ".json, .parquet, .csv, .txt) stream into pairs of about --shard-tokens tokens. "
+                            ".json, .parquet, .csv, .txt) or hub datasets (owner/name, hf://datasets/owner/name/...) "
+                            "stream into pairs of about --shard-tokens tokens. "
                             "Rerun to resume.")
     p.add_argument("sources", nargs="+", metavar="SOURCE",
-                   help="a folder of story shards, or files or folders of records (.txt: a document per line)")
+                   help="a folder of story shards, or files, folders or hub datasets of records")
     p.add_argument("--tokenizer", type=Path, required=True, help="directory with tokenizer.model")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output folder (default: SOURCE/<tokenizer name>; needed for files or several sources)")
