@@ -22,7 +22,6 @@ signatures plus a few chunks in flight, and the dedup keys of the kept documents
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import re
 import unicodedata
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from llama2zh.corpus.journal import Journal, read_journal
 from llama2zh.corpus.minhash import NUM_PERM, KeyMap, band_keys, lsh_rows, shingle_hashes, signature, similar
-from llama2zh.corpus.parallel import chunked, ordered_map
+from llama2zh.corpus.parallel import chunked, ordered_map, worker_pool
 from llama2zh.corpus.sources import Record, describe, read_records, source_files
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_output, atomic_write_bytes
@@ -284,8 +283,7 @@ def _run(files, out_dir, text_field, rules, workers, shard_docs, journal, entrie
                          "tally": tally.state()}])
         lines.clear()
 
-    context = multiprocessing.get_context("fork")
-    with (context.Pool(workers) if workers > 1 else nullcontext()) as pool, \
+    with (worker_pool(workers) if workers > 1 else nullcontext()) as pool, \
             tqdm(unit="doc", initial=tally.read, desc=f"clean -> {out_dir.name}", disable=None) as bar:
         records = read_records(files, text_field, start)
         for record, verdict in _judged(records, rules, pool, workers):

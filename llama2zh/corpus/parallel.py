@@ -6,9 +6,17 @@ then sit in memory. Here at most `window` chunks wait, so memory stays flat what
 
 from __future__ import annotations
 
+import multiprocessing
+import signal
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
+
+
+def worker_pool(workers: int):
+    """Forked worker processes that leave Ctrl-C to the main process: a worker interrupted while it waits
+    for a task dies holding the task queue's lock, and the pool's shutdown would then hang forever."""
+    return multiprocessing.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
 
 
 def chunked(items: Iterable, size: int) -> Iterator[list]:

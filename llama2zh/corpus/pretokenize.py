@@ -21,8 +21,6 @@ to val when a hash of its text falls under val_permille.
 from __future__ import annotations
 
 import json
-import multiprocessing
-import signal
 import zlib
 from collections.abc import Iterable
 from contextlib import ExitStack
@@ -34,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from llama2zh.corpus.parallel import chunked, ordered_map
+from llama2zh.corpus.parallel import chunked, ordered_map, worker_pool
 from llama2zh.corpus.shards import LANGS, documents, shard_paths
 from llama2zh.corpus.sources import describe, read_records
 from llama2zh.errors import UserError
@@ -104,12 +102,6 @@ def _intact(entry: dict, out_dir: Path, itemsize: int) -> bool:
                for s in ("train", "val"))
 
 
-def _pool(workers: int):
-    """Worker processes that leave Ctrl-C to the main process: a worker interrupted while it waits for
-    a task dies holding the task queue's lock, and the pool's shutdown would then hang forever."""
-    return multiprocessing.get_context("fork").Pool(workers, signal.signal, (signal.SIGINT, signal.SIG_IGN))
-
-
 def check_against_sentencepiece(docs: Iterable[tuple[str, str]], tokenizer_bin: Path, tokenizer_model: Path) -> None:
     """The C encoder must equal SentencePiece; a cheap look at real (id, text) documents before a long run."""
     import sentencepiece as spm
@@ -157,7 +149,7 @@ def pretokenize(dataset_dir: Path, tokenizer_dir: Path, lang: str = "enzh", work
     skipped = len(sources) - len(jobs)
     bar = tqdm(total=len(sources), initial=skipped, unit="shard", desc=f"pretokenize {dataset_dir.name}")
     tokens = 0
-    with _pool(max(1, min(workers, len(jobs) or 1))) as pool:
+    with worker_pool(max(1, min(workers, len(jobs) or 1))) as pool:
         for job, entry in zip(jobs, pool.imap(encode_shard, jobs), strict=True):
             manifest["shards"][job.source.stem] = entry
             _save_manifest(out_dir / "manifest.json", manifest)
@@ -263,7 +255,7 @@ def pretokenize_records(files: list, tokenizer_dir: Path, out_dir: Path, text_fi
     totals = {k: sum(e[s][k] for e in done.values() for s in ("train", "val")) for k in ("tokens", "documents")}
     what = files[0].name + (f" +{len(files) - 1} files" if len(files) > 1 else "")
     with ExitStack() as stack:
-        pool = stack.enter_context(_pool(workers))  # forked before datasets starts its threads
+        pool = stack.enter_context(worker_pool(workers))  # forked before datasets starts its threads
         writer = stack.enter_context(ShardWriter(out_dir, manifest, shard_tokens))
         check_against_sentencepiece(((f"{r.file} record {r.index}", r.text)
                                      for r in read_records(files, text_field, start)), tokenizer_bin, tokenizer_model)
