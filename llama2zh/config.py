@@ -16,8 +16,14 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-from llama2zh.lora import TARGETS as LORA_TARGETS
-from llama2zh.model import ModelArgs, llama_hidden_dim
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from llama2zh.model import ModelArgs
+
+# the projections LoRA can adapt (lora.py): attention, then feed-forward. Named here, not imported from
+# lora.py, because that imports torch, and every command reads this module (clean, download need no torch).
+LORA_TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 class ConfigError(Exception):
@@ -134,6 +140,8 @@ class Config:
         return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
 
     def model_args(self, vocab_size: int) -> ModelArgs:
+        from llama2zh.model import ModelArgs, llama_hidden_dim
+
         try:
             return ModelArgs(
                 dim=self.dim, n_layers=self.n_layers, n_heads=self.n_heads,

@@ -16,9 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from llama2zh.config import LORA_TARGETS as TARGETS
 from llama2zh.model import Transformer
-
-TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # attention, then feed-forward projections
 
 
 class LoRALinear(nn.Module):

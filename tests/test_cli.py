@@ -90,7 +90,7 @@ def test_export_run_directory_to_v0_and_back(tmp_path, run_dir):
     (["import", "/nonexistent/model.bin", "--out", "out/x"], 1, "not a hub repo id"),
     (["import", "owner/name"], 2, "required: --out"),
     (["download", "model"], 2, "needs a NAME"),
-    (["download", "sample", "--list"], 2, "--list applies to download model only"),
+    (["download", "sample", "--list"], 2, "--list applies to download model and download corpus only"),
 ])
 def test_bad_usage_is_one_line(tmp_path, args, status, message):
     result = llama2zh(*args, cwd=tmp_path if args[0] != "init" else ROOT)
