@@ -156,3 +156,4 @@ bench: venv run lib
 	$(VPY) -m llama2zh.bench_translate
 	$(VPY) -m llama2zh.bench_serve
 	$(VPY) -m llama2zh.bench_corpus
+	$(VPY) -m llama2zh.bench_tokenizer

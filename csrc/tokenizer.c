@@ -26,8 +26,9 @@
  * Encode follows SentencePiece (normalizer.cc, bpe_model.cc, unigram_model.cc,
  * sentencepiece_processor.cc): normalize, then
  *   BPE: split into characters and user-defined symbols, merge the
- *   best-scoring adjacent pair (leftmost on ties) with a heap, resegment
- *   merges into unused pieces;
+ *   best-scoring adjacent pair (leftmost on ties) with a heap (a word at a
+ *   time when no piece can cross into a word), resegment merges into unused
+ *   pieces;
  *   unigram: Viterbi over every piece that matches at each character
  *   (EncodeOptimized: the best path ending at each byte position);
  * then byte fallback for unknown symbols (or one <unk> per run of them).
@@ -66,6 +67,30 @@ typedef struct {
     uint32_t mask;
 } Table;
 
+/* A trie over byte strings, its edges (node, byte) -> child in one hash table, so that the
+ * longest key prefixing a text is found in one walk over the text instead of a hashed probe
+ * per possible length (baichuan's NFKC normalizer has 224k keys, up to 10 bytes). */
+typedef struct {
+    uint32_t edge; /* parent node << 8 | byte */
+    int child;     /* 0: an empty slot (the root is no node's child) */
+} Edge;
+
+#define TRIE_MAX_NODES (1 << 24) /* an edge holds its parent node in 24 bits */
+#define TRIE_PATH 16               /* bytes of the last key added whose walk is kept */
+
+typedef struct {
+    int root[256]; /* the root's children, the step taken at every position, without hashing */
+    Edge *slot;    /* every other edge; at most half the slots are used */
+    uint32_t mask;
+    int n_nodes;   /* node 0 is the root */
+    int *value;    /* per node: the value of the key that ends there, or -1 */
+    /* The last key added, its first bytes and the nodes they lead to: the next key walks on from
+     * their common prefix (the normalizer's keys come sorted: a third of baichuan's load time). */
+    unsigned char last[TRIE_PATH];
+    int last_node[TRIE_PATH];
+    size_t last_len;
+} Trie;
+
 struct L2Tokenizer {
     unsigned char *file; /* the whole file: piece texts and rules point into it */
     int n;
@@ -80,22 +105,16 @@ struct L2Tokenizer {
     const unsigned char *unk_surface;
     int unk_surface_len;
     int has_unused;
+    int words_apart; /* BPE: no merge crosses into a word, a space after a non-space (see bpe) */
     Table pieces; /* mergeable pieces (normal, user-defined, unused) by text */
     int max_merge_len;
     float min_score; /* over normal pieces: an unknown character scores 10 less */
-    /* user-defined symbols, as found in normalized text (' ') and in raw input (U+2581) */
-    int max_user_len, max_user_raw_len, n_user;
-    unsigned char user_first[256], user_raw_first[256];
-    unsigned char *user_raw_arena;
-    const unsigned char **user_raw;
-    int *user_raw_len;
-    Table user_raw_set;
-    /* normalizer rules */
-    int n_rules, max_rule_len;
-    const unsigned char **rule_key, **rule_val;
-    int *rule_key_len, *rule_val_len;
-    unsigned char rule_first[256];
-    Table rules;
+    /* user-defined symbols (to piece ids), as found in normalized text (' ') and in raw input (U+2581) */
+    Trie user, user_raw;
+    /* normalizer rules: their keys (to rule indexes) and replacements */
+    Trie rules;
+    const unsigned char **rule_val;
+    int *rule_val_len;
     size_t decode_bound;
     int im_start, im_end; /* the chat template's special ids (trailer v2); -1 without one */
     int has_trailer;      /* 0: a llama2.c file, which cannot say how text is normalized */
@@ -150,6 +169,103 @@ static void table_add(Table *tb, int i) {
     tb->slot[h] = i + 1;
 }
 
+/* ---- trie ---- */
+
+static int trie_init(Trie *tr) {
+    memset(tr, 0, sizeof *tr);
+    tr->mask = 15;
+    tr->n_nodes = 1;
+    tr->slot = calloc(tr->mask + 1, sizeof *tr->slot);
+    tr->value = malloc((tr->mask + 1) / 2 * sizeof(int));
+    if (!tr->slot || !tr->value) return 0;
+    tr->value[0] = -1;
+    return 1;
+}
+
+static void trie_free(Trie *tr) {
+    free(tr->slot);
+    free(tr->value);
+}
+
+static uint32_t edge_slot(const Trie *tr, uint32_t edge) {
+    uint32_t h = edge * 2654435761u;
+    return (h ^ h >> 16) & tr->mask;
+}
+
+/* The slot holding edge, or the empty one where it would go. */
+static uint32_t edge_find(const Trie *tr, uint32_t edge) {
+    uint32_t h = edge_slot(tr, edge);
+    while (tr->slot[h].child && tr->slot[h].edge != edge) h = (h + 1) & tr->mask;
+    return h;
+}
+
+/* The child of node by byte c, or 0 when there is none. */
+static int trie_child(const Trie *tr, int node, unsigned char c) {
+    return node == 0 ? tr->root[c] : tr->slot[edge_find(tr, (uint32_t)node << 8 | c)].child;
+}
+
+/* Doubles the table and the room for nodes; 0 when out of memory or past TRIE_MAX_NODES. */
+static int trie_grow(Trie *tr) {
+    uint32_t size = 2 * (tr->mask + 1), old_size = tr->mask + 1;
+    if (size / 2 > TRIE_MAX_NODES) return 0;
+    int *value = realloc(tr->value, size / 2 * sizeof(int));
+    if (!value) return 0;
+    tr->value = value;
+    Edge *old = tr->slot;
+    tr->slot = calloc(size, sizeof *tr->slot);
+    if (!tr->slot) {
+        tr->slot = old;
+        return 0;
+    }
+    tr->mask = size - 1;
+    for (uint32_t i = 0; i < old_size; i++)
+        if (old[i].child) tr->slot[edge_find(tr, old[i].edge)] = old[i];
+    free(old);
+    return 1;
+}
+
+/* Adds key s (n > 0 bytes) with value v unless the key is there (the first value wins); 0 when
+ * out of memory or past TRIE_MAX_NODES. */
+static int trie_add(Trie *tr, const unsigned char *s, size_t n, int v) {
+    int node = 0;
+    size_t i = 0;
+    for (; i < n && i < tr->last_len && tr->last[i] == s[i]; i++) node = tr->last_node[i];
+    for (; i < n; i++) {
+        int next = trie_child(tr, node, s[i]);
+        if (next == 0) {
+            if (tr->n_nodes == (int)(tr->mask + 1) / 2 && !trie_grow(tr)) return 0;
+            next = tr->n_nodes++;
+            tr->value[next] = -1;
+            if (node == 0)
+                tr->root[s[i]] = next;
+            else
+                tr->slot[edge_find(tr, (uint32_t)node << 8 | s[i])] = (Edge){(uint32_t)node << 8 | s[i], next};
+        }
+        node = next;
+        if (i < TRIE_PATH) {
+            tr->last[i] = s[i];
+            tr->last_node[i] = node;
+        }
+    }
+    tr->last_len = n < TRIE_PATH ? n : TRIE_PATH;
+    if (tr->value[node] < 0) tr->value[node] = v;
+    return 1;
+}
+
+/* The value of the longest key that prefixes s (n bytes), its length in *len; -1 when none. */
+static int trie_longest(const Trie *tr, const unsigned char *s, size_t n, size_t *len) {
+    int found = -1, node = 0;
+    for (size_t i = 0; i < n; i++) {
+        node = trie_child(tr, node, s[i]);
+        if (node == 0) break;
+        if (tr->value[node] >= 0) {
+            found = tr->value[node];
+            *len = i + 1;
+        }
+    }
+    return found;
+}
+
 /* ---- UTF-8, as SentencePiece's DecodeUTF8 judges it (well-formed UTF-8) ---- */
 
 static int is_trail(unsigned char c) { return (c & 0xC0) == 0x80; }
@@ -196,15 +312,11 @@ static void free_tokenizer(L2Tokenizer *t) {
     free(t->type);
     free(t->byte_of);
     free(t->pieces.slot);
-    free(t->user_raw_arena);
-    free(t->user_raw);
-    free(t->user_raw_len);
-    free(t->user_raw_set.slot);
-    free(t->rule_key);
+    trie_free(&t->user);
+    trie_free(&t->user_raw);
+    trie_free(&t->rules);
     free(t->rule_val);
-    free(t->rule_key_len);
     free(t->rule_val_len);
-    free(t->rules.slot);
     free(t);
 }
 
@@ -379,28 +491,27 @@ static int parse_trailer(L2Tokenizer *t, const unsigned char *p, size_t left, co
     t->flags = flags;
     t->unk_surface = surface;
     t->unk_surface_len = (int)surface_len;
-    t->n_rules = (int)n_rules;
-    t->rule_key = malloc((n_rules + 1) * sizeof *t->rule_key);
     t->rule_val = malloc((n_rules + 1) * sizeof *t->rule_val);
-    t->rule_key_len = malloc((n_rules + 1) * sizeof(int));
     t->rule_val_len = malloc((n_rules + 1) * sizeof(int));
-    if (!t->rule_key || !t->rule_val || !t->rule_key_len || !t->rule_val_len) {
+    if (!t->rule_val || !t->rule_val_len) {
         set_err(err, "%s: out of memory", name);
         return 0;
     }
     for (uint32_t r = 0; r < n_rules; r++) {
         const unsigned char *lens = take(&c, 4);
         int key_len = lens ? lens[0] | lens[1] << 8 : 0, val_len = lens ? lens[2] | lens[3] << 8 : 0;
-        t->rule_key[r] = take(&c, (size_t)key_len);
+        const unsigned char *key = take(&c, (size_t)key_len);
         t->rule_val[r] = take(&c, (size_t)val_len);
-        t->rule_key_len[r] = key_len;
         t->rule_val_len[r] = val_len;
         if (c.short_read || key_len == 0) {
             set_err(err, "%s: normalizer rule %u is malformed", name, r);
             return 0;
         }
-        if (key_len > t->max_rule_len) t->max_rule_len = key_len;
-        t->rule_first[t->rule_key[r][0]] = 1;
+        if (!trie_add(&t->rules, key, (size_t)key_len, (int)r)) {
+            set_err(err, "%s: out of memory for the normalizer (or over %d of its key prefixes)", name,
+                    TRIE_MAX_NODES);
+            return 0;
+        }
     }
     if (version == 2 && !parse_chat(t, &c, name, err)) return 0;
     if (c.p != c.end) {
@@ -480,7 +591,8 @@ static int infer_defaults(L2Tokenizer *t, const char *name, char *err) {
 
 /* Lookup structures shared by both kinds of file. */
 static int build_index(L2Tokenizer *t, const char *name, char *err) {
-    size_t raw_bytes = 0, max_len = 0;
+    size_t max_len = 0;
+    int crossing = 0;
     if (!table_init(&t->pieces, t->piece, t->piece_len, t->n)) goto oom;
     t->min_score = FLT_MAX;
     for (int i = 0; i < t->n; i++) {
@@ -491,40 +603,34 @@ static int build_index(L2Tokenizer *t, const char *name, char *err) {
         table_add(&t->pieces, i);
         if (len > t->max_merge_len) t->max_merge_len = len;
         if (ty == T_UNUSED) t->has_unused = 1;
-        if (ty == T_USER && len > 0) {
-            t->n_user++;
-            raw_bytes += 3 * (size_t)len;
-        }
+        for (int k = 1; k < len; k++)
+            if (t->piece[i][k] == ' ' && t->piece[i][k - 1] != ' ') crossing = 1;
     }
+    /* A merge crossing into a word (a space after a non-space) would make a piece holding a
+     * non-space then a space. */
+    t->words_apart = !crossing;
     /* The normalizer matches user-defined symbols in the raw input, where
      * SentencePiece's U+2581 is itself, not a space. */
-    t->user_raw_arena = malloc(raw_bytes + 1);
-    t->user_raw = malloc(((size_t)t->n_user + 1) * sizeof *t->user_raw);
-    t->user_raw_len = malloc(((size_t)t->n_user + 1) * sizeof(int));
-    if (!t->user_raw_arena || !t->user_raw || !t->user_raw_len) goto oom;
-    unsigned char *w = t->user_raw_arena;
-    for (int i = 0, u = 0; i < t->n; i++) {
-        if (t->type[i] != T_USER || t->piece_len[i] == 0) continue;
-        t->user_raw[u] = w;
-        for (int k = 0; k < t->piece_len[i]; k++) {
+    unsigned char *raw = malloc(3 * max_len + 1);
+    if (!raw) goto oom;
+    for (int i = 0; i < t->n; i++) {
+        int len = t->piece_len[i];
+        if (t->type[i] != T_USER || len == 0 || table_find(&t->pieces, t->piece[i], (size_t)len) != i) continue;
+        size_t raw_len = 0;
+        for (int k = 0; k < len; k++) {
             if (t->piece[i][k] == ' ') {
-                memcpy(w, SPACE_SYMBOL, 3);
-                w += 3;
+                memcpy(raw + raw_len, SPACE_SYMBOL, 3);
+                raw_len += 3;
             } else {
-                *w++ = t->piece[i][k];
+                raw[raw_len++] = t->piece[i][k];
             }
         }
-        t->user_raw_len[u] = (int)(w - t->user_raw[u]);
-        if (t->piece_len[i] > t->max_user_len) t->max_user_len = t->piece_len[i];
-        if (t->user_raw_len[u] > t->max_user_raw_len) t->max_user_raw_len = t->user_raw_len[u];
-        t->user_first[t->piece[i][0]] = 1;
-        t->user_raw_first[t->user_raw[u][0]] = 1;
-        u++;
+        if (!trie_add(&t->user, t->piece[i], (size_t)len, i) || !trie_add(&t->user_raw, raw, raw_len, i)) {
+            free(raw);
+            goto oom;
+        }
     }
-    if (!table_init(&t->user_raw_set, t->user_raw, t->user_raw_len, t->n_user)) goto oom;
-    for (int u = 0; u < t->n_user; u++) table_add(&t->user_raw_set, u);
-    if (!table_init(&t->rules, t->rule_key, t->rule_key_len, t->n_rules)) goto oom;
-    for (int r = 0; r < t->n_rules; r++) table_add(&t->rules, r);
+    free(raw);
     /* A step writes at most 4 bytes as U+FFFD each, or 3 and then one piece. */
     if ((size_t)t->unk_surface_len > max_len) max_len = (size_t)t->unk_surface_len;
     t->decode_bound = 12 + max_len;
@@ -554,6 +660,10 @@ L2Tokenizer *l2_tokenizer_open(const char *path, int vocab_size, char *err) {
     }
     t->file = data;
     t->im_start = t->im_end = -1;
+    if (!trie_init(&t->user) || !trie_init(&t->user_raw) || !trie_init(&t->rules)) {
+        set_err(err, "%s: out of memory", name);
+        goto fail;
+    }
     if (size < 4) {
         set_err(err, "%s: too short to be a tokenizer.bin (%zu bytes)", name, size);
         goto fail;
@@ -717,44 +827,27 @@ static void buf_put(Buf *b, const unsigned char *s, size_t n) {
     b->n += n;
 }
 
-/* Longest string of the set that prefixes s, or 0. */
-static size_t longest_in(const Table *set, const unsigned char *first, int max_len, const unsigned char *s,
-                         size_t n) {
-    if (max_len == 0 || !first[s[0]]) return 0;
-    for (size_t len = n < (size_t)max_len ? n : (size_t)max_len; len > 0; len--)
-        if (table_find(set, s, len) >= 0) return len;
-    return 0;
-}
-
 /* Longest user-defined piece that prefixes s (normalized text), or 0. */
 static size_t user_match(const L2Tokenizer *t, const unsigned char *s, size_t n) {
-    if (t->max_user_len == 0 || !t->user_first[s[0]]) return 0;
-    for (size_t len = n < (size_t)t->max_user_len ? n : (size_t)t->max_user_len; len > 0; len--) {
-        int id = table_find(&t->pieces, s, len);
-        if (id >= 0 && t->type[id] == T_USER) return len;
-    }
-    return 0;
+    size_t len;
+    return trie_longest(&t->user, s, n, &len) >= 0 ? len : 0;
 }
 
 /* SentencePiece's NormalizePrefix: the normalized text of the input's next
  * unit (*out, *out_len) and how many input bytes it consumes. */
 static size_t norm_prefix(const L2Tokenizer *t, const unsigned char *s, size_t n, const unsigned char **out,
                           size_t *out_len) {
-    size_t m = longest_in(&t->user_raw_set, t->user_raw_first, t->max_user_raw_len, s, n);
-    if (m) { /* user-defined symbols pass through unnormalized */
+    size_t m;
+    if (trie_longest(&t->user_raw, s, n, &m) >= 0) { /* user-defined symbols pass through unnormalized */
         *out = s;
         *out_len = m;
         return m;
     }
-    if (t->max_rule_len && t->rule_first[s[0]]) {
-        for (size_t len = n < (size_t)t->max_rule_len ? n : (size_t)t->max_rule_len; len > 0; len--) {
-            int r = table_find(&t->rules, s, len);
-            if (r >= 0) {
-                *out = t->rule_val[r];
-                *out_len = (size_t)t->rule_val_len[r];
-                return len;
-            }
-        }
+    int r = trie_longest(&t->rules, s, n, &m);
+    if (r >= 0) {
+        *out = t->rule_val[r];
+        *out_len = (size_t)t->rule_val_len[r];
+        return m;
     }
     m = (size_t)utf8_char_len(s, n);
     if (m == 0) {
@@ -959,6 +1052,24 @@ static void emit_symbol(Encoder *e, const unsigned char *w, int len, int depth) 
     emit_piece(e, id, w, len);
 }
 
+/* Merges the best-scoring adjacent pair, leftmost first, in the list of symbols from first on
+ * until no pair is a piece. */
+static void merge(Encoder *e, int first) {
+    for (int i = first; e->sym[i].next >= 0; i = e->sym[i].next) maybe_add_pair(e, i, e->sym[i].next);
+    while (e->n_heap > 0 && !e->oom) {
+        Pair top = heap_pop(e);
+        Symbol *l = &e->sym[top.left], *r = &e->sym[top.right];
+        /* Stale: one side was merged into something else since. */
+        if (l->len == 0 || r->len == 0 || l->len + r->len != top.size) continue;
+        l->len += r->len;
+        l->next = r->next;
+        if (r->next >= 0) e->sym[r->next].prev = top.left;
+        r->len = 0;
+        maybe_add_pair(e, l->prev, top.left);
+        maybe_add_pair(e, top.left, l->next);
+    }
+}
+
 static void bpe(Encoder *e, size_t n) {
     const L2Tokenizer *t = e->t;
     e->sym = malloc((n + 1) * sizeof *e->sym);
@@ -976,20 +1087,19 @@ static void bpe(Encoder *e, size_t n) {
         if (n_sym > 0) e->sym[n_sym - 1].next = n_sym;
         pos += len;
     }
-    for (int i = 1; i < n_sym; i++) maybe_add_pair(e, i - 1, i);
-    while (e->n_heap > 0 && !e->oom) {
-        Pair top = heap_pop(e);
-        Symbol *l = &e->sym[top.left], *r = &e->sym[top.right];
-        /* Stale: one side was merged into something else since. */
-        if (l->len == 0 || r->len == 0 || l->len + r->len != top.size) continue;
-        l->len += r->len;
-        l->next = r->next;
-        if (r->next >= 0) e->sym[r->next].prev = top.left;
-        r->len = 0;
-        maybe_add_pair(e, l->prev, top.left);
-        maybe_add_pair(e, top.left, l->next);
+    /* Each word (from a space after a non-space) is merged and emitted alone when no merge can
+     * cross into one: the same merges as over the whole text, with a heap a word long. (An
+     * unused piece splits back where its two parts met, which its text alone decides.) */
+    for (int first = 0, end; first < n_sym && !e->oom; first = end) {
+        for (end = first + 1; end < n_sym; end++) {
+            const unsigned char *at = e->text + e->sym[end].start;
+            if (t->words_apart && at[0] == ' ' && at[-1] != ' ') break;
+        }
+        e->sym[first].prev = -1;
+        e->sym[end - 1].next = -1;
+        merge(e, first);
+        for (int i = first; i >= 0; i = e->sym[i].next) emit_symbol(e, e->text + e->sym[i].start, e->sym[i].len, 0);
     }
-    for (int i = 0; n_sym > 0 && i >= 0; i = e->sym[i].next) emit_symbol(e, e->text + e->sym[i].start, e->sym[i].len, 0);
 }
 
 /* ---- encode: unigram (unigram_model.cc, Model::EncodeOptimized) ---- */

@@ -336,6 +336,78 @@ def test_unigram_long_paths_rebase_their_scores_as_sentencepiece(tmp_path, seed)
         assert ct.encode(text, bos=False) == sp.encode(text)
 
 
+# ---- the normalizer's longest match, and BPE word by word ----
+
+RULES = {"a": "x", "ab": "Y", "abc": "Z", "abcd": "W", "pq": "P", "pqrs": "S",  # no "pqr": a walk past a key
+         "\u3041": "\u3042", "\u3041\u3043": "\u3044", "\u3041\u3043\u3045": "(\u3046)", "\u2460\u2461": "12"}
+RULE_FRAGMENTS = ["a", "b", "c", "d", "p", "q", "r", "s", "x", " ", "  ", "\u3041", "\u3043", "\u3045", "\u3046",
+                  "\u2460", "\u2461", "<b", "<br>", "<br/>", "r>", "/"]
+
+
+@pytest.fixture(scope="module")
+def rules_pair(tmp_path_factory):
+    """A tokenizer trained with replacement rules whose keys prefix each other (ASCII, kana,
+    circled digits) and user-defined symbols that do too."""
+    tmp = tmp_path_factory.mktemp("rules")
+    tsv = "".join(" ".join(f"{ord(c):X}" for c in key) + "\t" + " ".join(f"{ord(c):X}" for c in value) + "\n"
+                  for key, value in RULES.items())
+    (tmp / "rules.tsv").write_text(tsv, encoding="utf-8")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(["abcd abc ab pqrs pq xyz", "\u3041\u3043\u3045 \u3046",
+                                                           "\u2460\u2461 \u2460 12 <br>"] * 50),
+                                   model_writer=model, model_type="bpe", vocab_size=290, byte_fallback=True,
+                                   normalization_rule_tsv=str(tmp / "rules.tsv"),
+                                   user_defined_symbols=["<b", "<br>", "<br/>"], num_threads=1, minloglevel=2)
+    return model_pair(tmp, model.getvalue())
+
+
+def test_normalizer_takes_the_longest_of_keys_that_prefix_each_other(rules_pair):
+    sp, ct = rules_pair
+    cases = {"abcde": "\u2581We", "abx": "\u2581Yx", "pqr": "\u2581Pr", "pqrs": "\u2581S",  # the rules apply
+             "\u3041\u3043\u3045\u3041\u3043": "\u2581(\u3046)\u3044", "\u2460\u2461\u2460": "\u258112\u2460"}
+    for text, normalized in cases.items():
+        assert sp.normalize(text) == normalized
+        assert ct.encode(text, bos=False) == sp.encode(text), text
+    rng = random.Random(5)
+    for _ in range(500):
+        text = "".join(rng.choices(RULE_FRAGMENTS, k=rng.randint(0, 12)))
+        assert ct.encode(text, bos=False) == sp.encode(text), text
+        data = text.encode()  # cut anywhere: mid-key, mid-character
+        data = data[:rng.randint(0, len(data))]
+        assert encode_bytes(ct, data) == sp.encode(data), data
+
+
+def word_model(rng: random.Random) -> bytes:
+    """A BPE model whose pieces never hold a space after a non-space, so merges stay within words
+    (as llama2en's): pieces over a few letters, some unused, scores that often tie."""
+    m = pb.ModelProto()
+    m.trainer_spec.model_type = pb.TrainerSpec.BPE
+    m.normalizer_spec.name = "identity"
+    m.normalizer_spec.remove_extra_whitespaces = False
+    for piece, kind in (("<unk>", UNKNOWN), ("<s>", CONTROL), ("</s>", CONTROL)):
+        m.pieces.add(piece=piece, score=0, type=kind)
+    pieces = {"a", "b", "c", "d", "\u2581", "\u2581\u2581"}  # a space after a space does not start a word
+    for piece in sorted(pieces):
+        m.pieces.add(piece=piece, score=-50 * len(piece), type=NORMAL)
+    for _ in range(rng.randint(5, 30)):
+        piece = rng.choice(["", "\u2581", "\u2581\u2581"]) + "".join(rng.choices("abcd", k=rng.randint(1, 5)))
+        if piece not in pieces:
+            pieces.add(piece)
+            score = rng.choice([-1.0, -2.0, -3.0]) if rng.random() < 0.3 else rng.uniform(-10, 0)
+            m.pieces.add(piece=piece, score=score, type=UNUSED if rng.random() < 0.4 else NORMAL)
+    return m.SerializeToString()
+
+
+def test_bpe_word_by_word_merges_as_sentencepiece_does_the_whole_text(tmp_path):
+    """Such models are merged a word at a time: the same ids, unused pieces split back included."""
+    rng = random.Random(23)
+    for _ in range(100):
+        sp, ct = model_pair(tmp_path, word_model(rng))
+        for _ in range(20):
+            text = " ".join("".join(rng.choices("abcd ", k=rng.randint(1, 8))) for _ in range(rng.randint(1, 6)))
+            assert ct.encode(text, bos=False) == sp.encode(text), text
+
+
 # ---- tokenizer.bin ----
 
 def test_written_file_reads_back_and_rewrites_identically(tok, tmp_path):
