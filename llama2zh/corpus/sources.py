@@ -22,6 +22,7 @@ read nothing.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -169,9 +170,24 @@ def read_records(files: list[Path | HubFile], text_field: str | None = "text", s
             yield Record(file, index, data, field)
 
 
+def _import_datasets():
+    """datasets, imported without torch: we read plain records, and its torch formatters cost 170 MB a
+    process. USE_TORCH is read once, at datasets' import, and put back after it (transformers reads it too)."""
+    previous = os.environ.get("USE_TORCH")
+    os.environ["USE_TORCH"] = "0"
+    try:
+        import datasets  # slow to import: only when reading
+    finally:
+        if previous is None:
+            del os.environ["USE_TORCH"]
+        else:
+            os.environ["USE_TORCH"] = previous
+    return datasets
+
+
 def _rows(file: Path | HubFile, builder: str, skip: int) -> Iterator[dict]:
     """The rows of one file after the first `skip`; a file datasets cannot parse is a UserError."""
-    import datasets  # slow to import: only when reading
+    datasets = _import_datasets()
 
     datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its parse errors come back as our one line
     url = file.url if isinstance(file, HubFile) else str(file)
