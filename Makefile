@@ -150,10 +150,10 @@ gpu-check: venv
 
 # Speed, each figure a ratio against a baseline measured in the same run (this machine is noisy).
 bench: venv run lib
-	$(VPY) -m llama2zh.bench_decode
-	$(VPY) -m llama2zh.bench_train
-	$(VPY) -m llama2zh.bench_pretokenize
-	$(VPY) -m llama2zh.bench_translate
-	$(VPY) -m llama2zh.bench_serve
-	$(VPY) -m llama2zh.bench_corpus
-	$(VPY) -m llama2zh.bench_tokenizer
+	$(VPY) -m llama2zh.bench.decode
+	$(VPY) -m llama2zh.bench.train
+	$(VPY) -m llama2zh.bench.pretokenize
+	$(VPY) -m llama2zh.bench.translate
+	$(VPY) -m llama2zh.bench.serve
+	$(VPY) -m llama2zh.bench.corpus
+	$(VPY) -m llama2zh.bench.tokenizer

@@ -42,12 +42,12 @@ from llama2zh import verify
 from llama2zh.checkpoint import load_checkpoint
 from llama2zh.engine import CModel, CTokenizer
 from llama2zh.export import write_model_bin
+from llama2zh.interop import llamacpp
 from llama2zh.interop.gguf import MODELFILE, export_gguf
 from llama2zh.interop.hf import export_hf
 from llama2zh.interop.llama2c import import_llama2c
 from llama2zh.rundir import config_for, write_run_dir
 from llama2zh.vocab.export import export_tokenizer, load_sentencepiece
-from tests import llamacpp
 from tests.conftest import ROOT, SHARED, random_model
 from tests.test_interop_gguf import PROMPT as ZH_PROMPT
 from tests.test_interop_gguf import llamacpp_ids, parse_modelfile, tool, until_stop

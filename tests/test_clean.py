@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from llama2zh.bench_corpus import near_copy
+from llama2zh.bench.corpus import near_copy
 from llama2zh.corpus import clean as clean_module
 from llama2zh.corpus.clean import Rules, clean, normalise
 from llama2zh.corpus.minhash import KeyMap, lsh_rows, shingle_hashes, signature, similar

@@ -1,5 +1,5 @@
 """GGUF export: the file reads back as written, and llama.cpp itself (pinned, built by
-tests/llamacpp.py) runs it as the C engine runs model.bin: same tokenization, same greedy ids,
+llama2zh/interop/llamacpp.py) runs it as the C engine runs model.bin: same tokenization, same greedy ids,
 the chat template rendered by llama.cpp into chat.py's ids, q8_0 close to f32.
 
 Models: a random one (classifier scaled so the greedy choice never hangs on a float rounding)
@@ -26,10 +26,10 @@ from llama2zh.checkpoint import load_checkpoint, save_checkpoint
 from llama2zh.engine import CModel, CTokenizer, run_binary
 from llama2zh.errors import UserError
 from llama2zh.export import write_model_bin
+from llama2zh.interop import llamacpp as llamacpp_build
 from llama2zh.interop.gguf import MODELFILE, OLLAMA_TEMPLATE, export_gguf, read_gguf, tensor_names
 from llama2zh.vocab.export import export_tokenizer, load_sentencepiece
 from tests.conftest import ROOT, random_model
-from tests.llamacpp import llamacpp  # noqa: F401 (the fixture)
 from tests.test_chat_engine import trained
 
 PROMPT = "从前，有一个小女孩"
@@ -38,6 +38,15 @@ NEW_TOKENS = 64
 SYSTEM, USER = "你是一个乐于助人的助手。", "讲一个关于小猫的故事。"
 SHAPE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=96, max_seq_len=128, shared_classifier=False)
 TIMEOUT = 300
+
+
+@pytest.fixture(scope="session")
+def llamacpp() -> Path:
+    """The portable llama.cpp's bin directory; a skip only when it cannot be built here."""
+    try:
+        return llamacpp_build.build()
+    except RuntimeError as e:
+        pytest.skip(f"llama.cpp {llamacpp_build.VERSION} (llama-cpp-python sdist) could not be built: {e}")
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +201,7 @@ def test_modelfile_as_ollama_reads_it(random_run, tmp_path):
 # ---- llama.cpp runs it ----
 
 
-def test_llamacpp_tokenizes_as_sentencepiece(llamacpp, exported):  # noqa: F811
+def test_llamacpp_tokenizes_as_sentencepiece(llamacpp, exported):
     sp = exported["sp"]
     for text in TEXTS:
         out = tool(llamacpp, "llama-tokenize", "-m", exported["f32"], "--stdin", "--no-escape", "--ids",
@@ -200,7 +209,7 @@ def test_llamacpp_tokenizes_as_sentencepiece(llamacpp, exported):  # noqa: F811
         assert json.loads(out.decode().strip().splitlines()[-1]) == [sp.bos_id(), *sp.encode(text)], text
 
 
-def test_llamacpp_greedy_equals_run(llamacpp, exported):  # noqa: F811
+def test_llamacpp_greedy_equals_run(llamacpp, exported):
     sp, ct = exported["sp"], CTokenizer(exported["tokenizer_bin"])
     prompt = [sp.bos_id(), *sp.encode(PROMPT)]
     ids = llamacpp_ids(llamacpp, exported["f32"], "-p", PROMPT, "-n", NEW_TOKENS, "-no-cnv")
@@ -216,7 +225,7 @@ def test_llamacpp_greedy_equals_run(llamacpp, exported):  # noqa: F811
 
 
 @pytest.mark.parametrize("name", ["random", "sample-sft"])  # the chat runs
-def test_llamacpp_chat_mode_renders_and_replies_as_run(llamacpp, request, tmp_path, name):  # noqa: F811
+def test_llamacpp_chat_mode_renders_and_replies_as_run(llamacpp, request, tmp_path, name):
     exported = export_run(RUNS[name](request), tmp_path)
     sp = exported["sp"]
     assert "tokenizer.chat_template" in read_gguf(exported["f32"])[0]
@@ -233,7 +242,7 @@ def test_llamacpp_chat_mode_renders_and_replies_as_run(llamacpp, request, tmp_pa
     assert result.stdout == sp.decode(reply).encode() + b"\n"
 
 
-def test_q8_0_equals_llama_quantize(llamacpp, exported, tmp_path):  # noqa: F811
+def test_q8_0_equals_llama_quantize(llamacpp, exported, tmp_path):
     tool(llamacpp, "llama-quantize", exported["f32"], tmp_path / "theirs.gguf", "q8_0", 1)
     theirs = {t.name: t for t in gguf.GGUFReader(tmp_path / "theirs.gguf").tensors}
     ours = gguf.GGUFReader(exported["q8_0"]).tensors
@@ -243,7 +252,7 @@ def test_q8_0_equals_llama_quantize(llamacpp, exported, tmp_path):  # noqa: F811
         assert bytes(t.data) == bytes(theirs[t.name].data), t.name
 
 
-def test_q8_0_agrees_with_f32(llamacpp, tmp_path):  # noqa: F811
+def test_q8_0_agrees_with_f32(llamacpp, tmp_path):
     """Top-1 agreement over 8 x 63 = 504 positions (each 128-token chunk's second half) of the demo's
     own stories, by the pretrained demo model: on text the model knows its choices are clear, so what
     differs is quantization."""

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from llama2zh.bench_pretokenize import SHARED, real_texts
+from llama2zh.bench.pretokenize import SHARED, real_texts
 from llama2zh.fileio import atomic_output, sha256_file
 from llama2zh.paths import ROOT
 
@@ -131,7 +131,7 @@ def measure(command: list[str]) -> dict:
     done.set()
     sampler.join()
     if code:
-        raise SystemExit(f"bench_corpus: {' '.join(command)} failed with exit status {code}")
+        raise SystemExit(f"bench.corpus: {' '.join(command)} failed with exit status {code}")
     return {"seconds": seconds, "tree_mb": peak["tree"] / 1e6, "largest_mb": peak["largest"] / 1e6}
 
 
@@ -147,7 +147,7 @@ def main() -> None:
                         help="directory with tokenizer.model (default: ../shared's llama2enzh)")
     args = parser.parse_args()
     if not (args.tokenizer / "tokenizer.model").exists() or not (SHARED / "data").exists():
-        raise SystemExit(f"bench_corpus: skipped, needs {SHARED / 'data'} and {args.tokenizer}/tokenizer.model")
+        raise SystemExit(f"bench.corpus: skipped, needs {SHARED / 'data'} and {args.tokenizer}/tokenizer.model")
     work = ROOT / "build" / "bench" / "corpus"
     rows, identical = [], {}
     for size in args.sizes:

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from llama2zh.bench_pretokenize import SHARED
+from llama2zh.bench.pretokenize import SHARED
 from llama2zh.engine import CTokenizer
 from llama2zh.paths import ROOT
 from llama2zh.vocab.export import export_tokenizer
@@ -48,7 +48,7 @@ def bench(name: str, items: list[str], work: Path, rounds: int) -> tuple[float, 
         sp_s, sp_ids = best_time(sp.encode, items, sp_s)
         c_s, c_ids = best_time(lambda text: ct.encode(text, bos=False), items, c_s)
         if c_ids != sp_ids:
-            raise SystemExit(f"bench_tokenizer: {name}: the C encoder's ids differ from SentencePiece's")
+            raise SystemExit(f"bench.tokenizer: {name}: the C encoder's ids differ from SentencePiece's")
     return sp_s, c_s
 
 
@@ -61,7 +61,7 @@ def main() -> None:
     needed += [SHARED / "tokenizers" / name / "tokenizer.model" for name in args.tokenizers]
     missing = [path for path in needed if not path.exists()]
     if missing:
-        print(f"bench_tokenizer: skipped, {missing[0]} is absent (it needs ../shared's tokenizers and data)")
+        print(f"bench.tokenizer: skipped, {missing[0]} is absent (it needs ../shared's tokenizers and data)")
         return
     work = ROOT / "build" / "bench" / "tokenizer"
     work.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     args = parser.parse_args()
     if not (args.tokenizer / "tokenizer.model").exists() or not (SHARED / "data").exists():
-        raise SystemExit(f"bench_train: needs {SHARED / 'data'} and {args.tokenizer}/tokenizer.model")
+        raise SystemExit(f"bench.train: needs {SHARED / 'data'} and {args.tokenizer}/tokenizer.model")
     work = ROOT / "build" / "bench" / "train"
     shutil.rmtree(work, ignore_errors=True)
     data, tokenizer_dir = build_dataset(work, args.tokenizer)

@@ -2,7 +2,7 @@
 single-stream `./run` on the same model, measured in the same run.
 
 The model is a random one of llama2.c's 15M shape with the 55296-piece vocab, int8 (model.bin v2), made as
-bench_decode makes its own (the embeddings of <unk>, BOS and EOS shrunk, so that greedy decoding does not
+bench.decode makes its own (the embeddings of <unk>, BOS and EOS shrunk, so that greedy decoding does not
 stop early). One server per client count (`llama2zh serve --slots 16`, a subprocess on a free port of
 127.0.0.1), all started first. Each client (asyncio + aiohttp, in this process) POSTs /v1/completions with
 the prompt [BOS], max_tokens 256, temperature 0 and stream true, and timestamps every server-sent event:
@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llama2zh.bench_decode import SHAPES, STEPS, c_decode, id_tokenizer, random_model
+from llama2zh.bench.decode import SHAPES, STEPS, c_decode, id_tokenizer, random_model
 from llama2zh.engine import CModel
 from llama2zh.export import write_model_bin
 from llama2zh.paths import ROOT

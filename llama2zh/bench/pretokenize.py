@@ -81,7 +81,7 @@ def main() -> None:
                         help="directory with tokenizer.model (default: ../shared's llama2enzh)")
     args = parser.parse_args()
     if not (args.tokenizer / "tokenizer.model").exists() or not (SHARED / "data").exists():
-        raise SystemExit(f"bench_pretokenize: needs {SHARED / 'data'} and {args.tokenizer}/tokenizer.model")
+        raise SystemExit(f"bench.pretokenize: needs {SHARED / 'data'} and {args.tokenizer}/tokenizer.model")
     work = ROOT / "build" / "bench" / "pretokenize"
     shutil.rmtree(work, ignore_errors=True)
     tokenizer_dir = work / "llama2enzh"
