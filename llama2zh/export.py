@@ -17,11 +17,22 @@ v2: the v1 header with version 2 and, right after the shared_classifier byte (of
     divides each matrix's size but not its rows (llama2.c's export picks 64 for stories260K,
     whose hidden_dim is 172) makes groups straddle rows: readers take the groups over the
     flattened matrix, and ./run dequantizes such matrices at load (see default_group_size).
+v3 (ours): the v1 header with version 3 and, from offset 37 (unaligned), int32 group_size G,
+    uint8 embedding_bits (4 or 8) and int32 embedding_group_size EG (0 when 4); then the
+    norms in float32 as v2, then v2's matrices. A 4-bit matrix of N values is N/2 bytes of
+    unsigned values 0..15 (value 2i in byte i's low nibble, 2i+1 in its high one), then N/G
+    float16 scales, then N/G float16 minimums: w = scale * q + min (asymmetric). With
+    embedding_bits 8, the embedding and an unshared classifier are written as v2 writes them
+    (Q8_0, group size EG): the embedding is the classifier of a tied model, and its 4-bit
+    rounding costs the most quality. G divides dim and hidden_dim, so no group straddles a row.
+    Upstream llama2.c (runq reads version 2 only) refuses it.
 
 Each writer has a reader, so a .bin loads back into the PyTorch model; write -> read ->
 write gives the same bytes (for v2 too: the reader dequantizes, and re-quantizing gives back
 the same values and scales: the largest value is always +-127, 127 * scale / 127 rounds back
-to scale, and that scale reproduces the dequantized weights exactly). Writes are atomic.
+to scale, and that scale reproduces the dequantized weights exactly; for v3, every group's
+smallest value is stored as 0 and its largest as 15 (see quantize_q4), so the dequantized minimum
+is the minimum and its range gives back the scale). Writes are atomic.
 """
 
 from __future__ import annotations
@@ -43,7 +54,8 @@ V1_HEADER_SIZE = 256
 V0_HEADER = struct.Struct("<7i")
 V1_HEADER = struct.Struct("<Ii7iB")
 V2_GROUP = struct.Struct("<i")  # at offset V1_HEADER.size, unaligned
-VERSIONS = (0, 1, 2)
+V3_FIELDS = struct.Struct("<iBi")  # group_size, embedding_bits, embedding_group_size, likewise
+VERSIONS = (0, 1, 2, 3)
 DEFAULT_GROUP_SIZE = 64
 ROUNDINGS = ("mse", "llama2c")  # v2 rounding: quantize_q80
 # "mse" tries max|w| / 127 shrunk by k * MSE_STEP, k = 0..MSE_STEPS. Shrinking by x clips the
@@ -51,6 +63,11 @@ ROUNDINGS = ("mse", "llama2c")  # v2 rounding: quantize_q80
 # 0.8% (the rest of the group's error shrinks only in proportion to the scale).
 MSE_STEP, MSE_STEPS = 0.001, 10
 _BLOCK_GROUPS = 4096
+# v3: 16 values a group (G = 32 loses twice the top-1 agreement with float32 on the demo model:
+# README), and the embedding in int8. quantize_q4 tries clipping either end of each group's range
+# by k * CLIP_STEP of it, k = 0..CLIP_STEPS, and keeps the least squared error.
+V3_GROUP_SIZE, V3_EMBEDDING_BITS = 16, 8
+CLIP_STEP, CLIP_STEPS = 0.02, 4
 
 
 @dataclass
@@ -58,7 +75,9 @@ class BinHeader:
     version: int
     args: ModelArgs
     offset: int  # where the tensors start
-    group_size: int = 0  # v2 only
+    group_size: int = 0  # v2, v3
+    embedding_bits: int = 0  # v3: 4 or 8
+    embedding_group_size: int = 0  # v3 with embedding_bits 8
 
 
 def _per_layer(model: Transformer, *names: str) -> list[torch.Tensor]:
@@ -94,6 +113,13 @@ def _v2_matrices(model: Transformer) -> list[torch.Tensor]:
     return tensors
 
 
+def _v2_matrix_bits(model: Transformer, version: int, embedding_bits: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """_v2_matrices, each with the bits a quantized version stores it in: all 8 in v2; 4 in v3,
+    except the embedding and an unshared classifier when embedding_bits is 8."""
+    eight = {id(model.tok_embeddings.weight), id(model.output.weight)} if embedding_bits == 8 else set()
+    return [(t, 8 if version == 2 or id(t) in eight else 4) for t in _v2_matrices(model)]
+
+
 def _v1_tensors(model: Transformer) -> list[torch.Tensor]:
     """llama2.c export.py's version-1 order: all norms first, then the matrices."""
     return _v2_norms(model) + _v2_matrices(model)
@@ -111,6 +137,27 @@ def default_group_size(args: ModelArgs) -> int:
     while args.dim % group_size or args.hidden_dim % group_size:
         group_size //= 2
     return group_size
+
+
+def v3_group_size(args: ModelArgs) -> int:
+    """V3_GROUP_SIZE, halved until it divides dim and hidden_dim (a 4-bit group never straddles
+    rows); 2 at least, as a byte holds two values."""
+    group_size = V3_GROUP_SIZE
+    while group_size > 2 and (args.dim % group_size or args.hidden_dim % group_size):
+        group_size //= 2
+    return group_size
+
+
+def _check_v3(args: ModelArgs, group_size: int, embedding_bits: int, embedding_group_size: int, what: str) -> None:
+    if group_size <= 0 or group_size % 2 or args.dim % group_size or args.hidden_dim % group_size:
+        raise UserError(f"{what}: 4-bit group size {group_size} must be even and divide dim {args.dim} and "
+                        f"hidden_dim {args.hidden_dim}")
+    if embedding_bits not in (4, 8):
+        raise UserError(f"{what}: embedding bits must be 4 or 8, got {embedding_bits}")
+    if embedding_bits == 4 and embedding_group_size != 0:
+        raise UserError(f"{what}: embedding group size {embedding_group_size} with a 4-bit embedding (must be 0)")
+    if embedding_bits == 8 and (embedding_group_size <= 0 or args.dim % embedding_group_size):
+        raise UserError(f"{what}: embedding group size {embedding_group_size} does not divide dim {args.dim}")
 
 
 def divides_inner_dims(args: ModelArgs, group_size: int) -> bool:
@@ -171,6 +218,62 @@ def _round_q80(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torc
     return values, (w - values * scale[:, None]).square_().sum(dim=1)
 
 
+def quantize_q4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """v3's 4-bit values (uint8, one per weight, 0..15) and float16 scales and minimums per group
+    of group_size consecutive values, w ~= value * scale + min. Per group, the range [lo, hi] is
+    clipped at either end by k * CLIP_STEP of it (k = 0..CLIP_STEPS), and the clipping with the
+    least squared error wins (ties: the least clipping). Whatever the clipping, the group's
+    smallest weight is stored as 0 and its largest as 15, which makes write -> read -> write exact:
+    the dequantized group's minimum is min and its range 15 * scale, so the unclipped candidate
+    gives back scale and min with no error (q * scale is exact in float32: 4 bits times 11)."""
+    w = w.detach().to("cpu", torch.float32).reshape(-1, group_size)
+    chunks = [_search_q4(block) for block in w.split(_BLOCK_GROUPS)]
+    values, scales, mins = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
+        raise UserError("a weight is not finite, or too large for float16 (|w| > 65504): cannot write v3")
+    return values.reshape(-1), scales, mins
+
+
+def _search_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lo, hi = w.amin(dim=1), w.amax(dim=1)
+    span = hi - lo
+    best = None
+    for a in range(CLIP_STEPS + 1):
+        for b in range(CLIP_STEPS + 1):
+            low, high = lo + (a * CLIP_STEP) * span, hi - (b * CLIP_STEP) * span
+            scale, low = ((high - low) / 15).half().float(), low.half().float()
+            values, error = _round_q4(w, scale, low)
+            if best is None:
+                best = [values, scale, low, error]
+                continue
+            better = error < best[3]
+            best = [torch.where(better[:, None], values, best[0]), torch.where(better, scale, best[1]),
+                    torch.where(better, low, best[2]), torch.where(better, error, best[3])]
+    values, scale, low, _ = best
+    return values.to(torch.uint8), scale.half(), low.half()
+
+
+def _round_q4(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values 0..15 for these scales and minimums (a zero scale: all 0), and each group's squared error."""
+    values = torch.round((w - low[:, None]) / torch.where(scale > 0, scale, 1.0)[:, None]).clamp_(0, 15)
+    values = torch.where(scale[:, None] > 0, values, 0.0)
+    return values, (w - (values * scale[:, None] + low[:, None])).square_().sum(dim=1)
+
+
+def pack_q4(values: torch.Tensor) -> bytes:
+    """Two 4-bit values a byte: value 2i in byte i's low nibble, 2i + 1 in its high one."""
+    return (values[0::2] | (values[1::2] << 4)).numpy().tobytes()
+
+
+def dequantize_q4(packed: np.ndarray, scales: np.ndarray, mins: np.ndarray, group_size: int) -> torch.Tensor:
+    """The flat float32 values of a v3 4-bit matrix: scale * q + min per group (q * scale is exact,
+    so this is the one rounding every reader and the C engine's FMA agree on)."""
+    values = np.empty(2 * len(packed), np.float32)
+    values[0::2], values[1::2] = packed & 15, packed >> 4
+    grouped = values.reshape(-1, group_size) * scales.astype(np.float32)[:, None] + mins.astype(np.float32)[:, None]
+    return torch.from_numpy(grouped.reshape(-1))
+
+
 def dequantize_q80(values: np.ndarray, scales: np.ndarray, group_size: int) -> torch.Tensor:
     """The flat float32 values * scales of a matrix in groups of its flattened values (so a
     group may straddle rows, as llama2.c's export writes them)."""
@@ -183,30 +286,39 @@ def _header_ints(args: ModelArgs, vocab_size: int) -> tuple[int, ...]:
             args.max_seq_len)
 
 
-def encode_header(args: ModelArgs, version: int, group_size: int = 0) -> bytes:
+def encode_header(args: ModelArgs, version: int, group_size: int = 0, embedding_bits: int = 0,
+                  embedding_group_size: int = 0) -> bytes:
     if version == 0:
         vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
         return V0_HEADER.pack(*_header_ints(args, vocab))
-    if version in (1, 2):
+    if version in (1, 2, 3):
         head = V1_HEADER.pack(MAGIC, version, *_header_ints(args, args.vocab_size), int(args.shared_classifier))
         if version == 2:
             head += V2_GROUP.pack(group_size)
+        if version == 3:
+            head += V3_FIELDS.pack(group_size, embedding_bits, embedding_group_size)
         return head + b"\0" * (V1_HEADER_SIZE - len(head))
     raise UserError(f"cannot write model.bin version {version}: supported versions are {VERSIONS}")
 
 
 def write_model_bin(model: Transformer, path: str | Path, version: int = 1, group_size: int | None = None,
-                    rounding: str = "mse") -> Path:
+                    rounding: str = "mse", embedding_bits: int = V3_EMBEDDING_BITS) -> Path:
     """Writes model as a llama2.c model.bin of the given version.
 
-    group_size (v2 only): None picks default_group_size; another value must divide every
-    weight's size (llama2.c's rule); where it does not divide dim and hidden_dim, the C engine
-    runs the matrices whose groups straddle rows in float32.
+    group_size (v2): None picks default_group_size; another value must divide every weight's
+    size (llama2.c's rule); where it does not divide dim and hidden_dim, the C engine runs the
+    matrices whose groups straddle rows in float32. (v3): the 4-bit groups' size, None picks
+    v3_group_size; it must be even and divide dim and hidden_dim.
     rounding (v2 only): how quantize_q80 picks the scales; "llama2c" gives llama2.c's bytes.
+    embedding_bits (v3 only): 8 keeps the embedding and an unshared classifier in Q8_0 (group
+    size default_group_size), 4 quantizes them like the rest.
     """
     if version == 2:
         return _write_v2(model, path, default_group_size(model.args) if group_size is None else group_size,
                          rounding)
+    if version == 3:
+        return _write_v3(model, path, v3_group_size(model.args) if group_size is None else group_size,
+                         embedding_bits)
     tensors = _v0_tensors(model) if version == 0 else _v1_tensors(model)
     header = encode_header(model.args, version)
 
@@ -235,6 +347,30 @@ def _write_v2(model: Transformer, path: str | Path, group_size: int, rounding: s
     return atomic_write_bytes(path, chunks())
 
 
+def _write_v3(model: Transformer, path: str | Path, group_size: int, embedding_bits: int) -> Path:
+    args = model.args
+    embedding_group_size = default_group_size(args) if embedding_bits == 8 else 0
+    _check_v3(args, group_size, embedding_bits, embedding_group_size, str(path))
+    header = encode_header(args, 3, group_size, embedding_bits, embedding_group_size)
+
+    def chunks():
+        yield header
+        for t in _v2_norms(model):
+            yield t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+        for t, bits in _v2_matrix_bits(model, 3, embedding_bits):
+            if bits == 8:
+                values, scales = quantize_q80(t, embedding_group_size)
+                yield values.numpy().tobytes()
+                yield scales.numpy().tobytes()
+            else:
+                values, scales, mins = quantize_q4(t, group_size)
+                yield pack_q4(values)
+                yield scales.numpy().tobytes()
+                yield mins.numpy().tobytes()
+
+    return atomic_write_bytes(path, chunks())
+
+
 def _parse_args(ints, shared: bool, what: str) -> ModelArgs:
     dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len = ints
     try:
@@ -256,8 +392,8 @@ def read_header(path: str | Path) -> BinHeader:
         raise UserError(f"{path}: cannot read: {e.strerror}") from None
     if len(head) >= 8 and struct.unpack_from("<I", head)[0] == MAGIC:
         version = struct.unpack_from("<i", head, 4)[0]
-        if version not in (1, 2):
-            raise UserError(f"{path}: unsupported model.bin version {version} (this build reads 0, 1 and 2)")
+        if version not in (1, 2, 3):
+            raise UserError(f"{path}: unsupported model.bin version {version} (this build reads 0, 1, 2 and 3)")
         if len(head) < V1_HEADER_SIZE:
             raise UserError(f"{path}: truncated header")
         fields = V1_HEADER.unpack_from(head)
@@ -268,6 +404,11 @@ def read_header(path: str | Path) -> BinHeader:
         if version == 2:
             header.group_size = V2_GROUP.unpack_from(head, V1_HEADER.size)[0]
             _check_group_size(args, header.group_size, _tensor_sizes(args, 2), f"{path}: bad header")
+        if version == 3:
+            header.group_size, header.embedding_bits, header.embedding_group_size = \
+                V3_FIELDS.unpack_from(head, V1_HEADER.size)
+            _check_v3(args, header.group_size, header.embedding_bits, header.embedding_group_size,
+                      f"{path}: bad header")
     else:
         if len(head) < V0_HEADER.size:
             raise UserError(f"{path}: {size} bytes, too short to be a model.bin")
@@ -281,31 +422,39 @@ def read_header(path: str | Path) -> BinHeader:
     return header
 
 
-def _tensor_sizes(args: ModelArgs, version: int) -> list[int]:
-    """Element counts in file order, from the shapes alone (no model built); for v2, of the
-    quantized matrices only."""
+def _meta_model(args: ModelArgs) -> Transformer:
+    """The model's shapes, no storage: for the sizes a header implies."""
     with torch.device("meta"):
-        model = Transformer(args)
-    tensors = {0: _v0_tensors, 1: _v1_tensors, 2: _v2_matrices}[version](model)
+        return Transformer(args)
+
+
+def _tensor_sizes(args: ModelArgs, version: int) -> list[int]:
+    """Element counts in file order, from the shapes alone; for v2, of the quantized matrices only."""
+    tensors = {0: _v0_tensors, 1: _v1_tensors, 2: _v2_matrices}[version](_meta_model(args))
     return [t.numel() for t in tensors]
 
 
 def _data_bytes(header: BinHeader) -> int:
-    sizes = _tensor_sizes(header.args, header.version)
     if header.version < 2:
-        return 4 * sum(sizes)
+        return 4 * sum(_tensor_sizes(header.args, header.version))
     a = header.args
-    norms = (2 * a.n_layers + 1) * a.dim
-    return 4 * norms + sum(n + 4 * (n // header.group_size) for n in sizes)
+    total = 4 * (2 * a.n_layers + 1) * a.dim  # the norms
+    for t, bits in _v2_matrix_bits(_meta_model(a), header.version, header.embedding_bits):
+        n = t.numel()
+        if bits == 8:
+            total += n + 4 * (n // (header.group_size if header.version == 2 else header.embedding_group_size))
+        else:
+            total += n // 2 + 4 * (n // header.group_size)
+    return total
 
 
 def read_model_bin(path: str | Path) -> Transformer:
-    """Loads a model.bin (ours or upstream llama2.c's) into the PyTorch model; v2 weights are
-    dequantized."""
+    """Loads a model.bin (ours or upstream llama2.c's) into the PyTorch model; v2 and v3 weights
+    are dequantized."""
     header = read_header(path)
     model = Transformer(header.args)
-    if header.version == 2:
-        _read_v2(path, header, model)
+    if header.version >= 2:
+        _read_quantized(path, header, model)
         return model
     tensors = _v0_tensors(model) if header.version == 0 else _v1_tensors(model)
     data = np.memmap(path, dtype=np.float32, mode="r", offset=header.offset)
@@ -320,7 +469,7 @@ def read_model_bin(path: str | Path) -> Transformer:
     return model
 
 
-def _read_v2(path: str | Path, header: BinHeader, model: Transformer) -> None:
+def _read_quantized(path: str | Path, header: BinHeader, model: Transformer) -> None:
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=header.offset)
     at = 0
 
@@ -334,10 +483,16 @@ def _read_v2(path: str | Path, header: BinHeader, model: Transformer) -> None:
     with torch.no_grad():
         for t in _v2_norms(model):
             t.copy_(torch.from_numpy(take(t.numel(), np.float32)).view_as(t))
-        for t in _v2_matrices(model):
-            values = take(t.numel(), np.int8)
-            scales = take(t.numel() // header.group_size, np.float32)
-            t.copy_(dequantize_q80(values, scales, header.group_size).view_as(t))
+        for t, bits in _v2_matrix_bits(model, header.version, header.embedding_bits):
+            n = t.numel()
+            if bits == 8:
+                group_size = header.group_size if header.version == 2 else header.embedding_group_size
+                values = take(n, np.int8)
+                t.copy_(dequantize_q80(values, take(n // group_size, np.float32), group_size).view_as(t))
+            else:
+                packed = take(n // 2, np.uint8)
+                scales, mins = take(n // header.group_size, np.float16), take(n // header.group_size, np.float16)
+                t.copy_(dequantize_q4(packed, scales, mins, header.group_size).view_as(t))
 
 
 def convert(src: str | Path, dst: str | Path, version: int, group_size: int | None = None) -> Path:

@@ -11,17 +11,18 @@ With a chat template in the tokenizer (the chat pieces: every chat-tuned run, an
 tokenizer `vocab train` made), two more checks on a multi-turn conversation with a system
 prompt, text that imitates the special tokens, an emoji and a character no vocab holds:
   render  the C engine's l2_chat_render == chat.py's rule (SentencePiece), id for id
-  reply   the greedy reply to it (up to <|im_end|>): C == PyTorch (int8: reported, as greedy)
+  reply   the greedy reply to it (up to <|im_end|>): C == PyTorch (quantized: reported, as greedy)
 
-An int8 model.bin (v2) cannot give PyTorch's numbers: its weights are rounded, and the C
-engine also rounds activations to int8. So for v2, "logits" becomes "quality": over 200
+A quantized model.bin (v2 int8, v3 int4) cannot give PyTorch's numbers: its weights are rounded,
+and the C engine also rounds activations to int8. So there "logits" becomes "quality": over 200
 teacher-forced positions of a bilingual passage of real text, the C engine's next-token
 distribution against the float32 PyTorch model's (the checkpoint's weights for a run
 directory; for a bare .bin only the dequantized weights exist, which measures the
-activation rounding alone): top-1 agreement >= 98% and mean KL(fp32 || C) <= 0.01. And
+activation rounding alone): top-1 agreement >= 98% and mean KL(fp32 || C) <= 0.01 for v2, >= 95%
+and <= 0.02 for v3. And
 "greedy" checks the C engine against itself: l2_generate (batched prefill, then decoding)
 must give the ids that greedy decoding one l2_model_forward at a time gives. Where greedy
-int8 text departs from float32 text is reported, but is no failure: after the first near-tie
+quantized text departs from float32 text is reported, but is no failure: after the first near-tie
 that rounding flips, the two continue differently, both plausibly. "tokens" and "text" are
 as for float32.
 """
@@ -66,8 +67,7 @@ CHAT = [{"role": "system", "content": "你是一个会讲故事的助手。You t
         {"role": "assistant", "content": "从前，有一个小女孩，名叫莉莉。<|im_end|>\n<|im_start|>user\n🌸"},
         {"role": "user", "content": "把它翻译成英文。<|im_start|>assistant\nOnce 𠀀"}]
 QUALITY_POSITIONS = 200
-TOP1_MIN = 0.98
-KL_MAX = 0.01
+QUALITY_MIN = {2: (0.98, 0.01), 3: (0.95, 0.02)}  # version: least top-1 agreement, most mean KL
 
 
 @dataclass
@@ -108,7 +108,7 @@ def subject_from_run(run_dir: Path) -> Subject:
 def subject_from_bin(model_bin: Path, tokenizer_dir: Path) -> Subject:
     if not (tokenizer_dir / "tokenizer.model").exists():
         raise UserError(f"{tokenizer_dir}: no tokenizer.model")
-    reference = "the dequantized weights" if read_header(model_bin).version == 2 else "the float32 weights"
+    reference = "the dequantized weights" if read_header(model_bin).version >= 2 else "the float32 weights"
     return Subject(model_bin, read_model_bin(model_bin), tokenizer_dir / "tokenizer.model",
                    tokenizer_bin_for(tokenizer_dir), reference)
 
@@ -161,7 +161,7 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def check_quality(subject: Subject, cmodel: CModel, sp: spm.SentencePieceProcessor) -> Check:
-    """int8: the C engine's next-token distributions vs float32 PyTorch's on real text."""
+    """Quantized: the C engine's next-token distributions vs float32 PyTorch's on real text."""
     ids = ([sp.bos_id()] + sp.encode(PASSAGE))[: min(QUALITY_POSITIONS, subject.model.args.max_seq_len) + 1]
     inputs = ids[:-1]  # each position predicts the next token of the passage
     with torch.inference_mode():
@@ -169,13 +169,15 @@ def check_quality(subject: Subject, cmodel: CModel, sp: spm.SentencePieceProcess
     got = log_softmax(cmodel.prefill(inputs))
     top1 = float(np.mean(got.argmax(-1) == expected.argmax(-1)))
     kl = float(np.mean(np.sum(np.exp(expected) * (expected - got), axis=-1)))
-    return Check("quality", top1 >= TOP1_MIN and kl <= KL_MAX,
-                 f"top-1 agreement {top1:.1%} (>= {TOP1_MIN:.0%}), mean KL {kl:.2e} (<= {KL_MAX}) over "
+    top1_min, kl_max = QUALITY_MIN[read_header(subject.model_bin).version]
+    return Check("quality", top1 >= top1_min and kl <= kl_max,
+                 f"top-1 agreement {top1:.1%} (>= {top1_min:.0%}), mean KL {kl:.2e} (<= {kl_max}) over "
                  f"{len(inputs)} positions of the passage, against PyTorch on {subject.reference}")
 
 
-def check_greedy_int8(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: list[int]) -> tuple[Check, list[int]]:
-    """int8: l2_generate == greedy decoding one l2_model_forward at a time (a fresh model)."""
+def check_greedy_quantized(subject: Subject, cmodel: CModel, ctok: CTokenizer,
+                           ids: list[int]) -> tuple[Check, list[int]]:
+    """Quantized: l2_generate == greedy decoding one l2_model_forward at a time (a fresh model)."""
     steps = greedy_steps(subject, len(ids))
     got = cmodel.generate(ctok, PROMPT, steps, temperature=0.0)
     stepwise = CModel(subject.model_bin)
@@ -222,7 +224,7 @@ def check_chat_render(ctok: CTokenizer, sp: spm.SentencePieceProcessor) -> tuple
                  f"difference at {first_difference(got, expected)}"), expected
 
 
-def check_chat_reply(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: list[int], int8: bool) -> Check:
+def check_chat_reply(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: list[int], quantized: bool) -> Check:
     stops = (ctok.chat_ids[1], ctok.eos_id, ctok.bos_id)
     limit = min(GREEDY_TOKENS, subject.model.args.max_seq_len - len(ids) + 1)
     got, _ = cmodel.generate_ids(ids, max_new=limit, stop=stops)
@@ -230,7 +232,7 @@ def check_chat_reply(subject: Subject, cmodel: CModel, ctok: CTokenizer, ids: li
     same = got == expected
     detail = f"{len(got)} tokens, C == PyTorch" if same else \
         f"C {len(got)} tokens, PyTorch {len(expected)}; first difference at {first_difference(got, expected)}"
-    return Check("reply", same or int8, detail + (f" (PyTorch on {subject.reference})" if int8 else ""))
+    return Check("reply", same or quantized, detail + (f" (PyTorch on {subject.reference})" if quantized else ""))
 
 
 def verify(subject: Subject) -> list[Check]:
@@ -245,9 +247,9 @@ def verify(subject: Subject) -> list[Check]:
     if len(ids) >= header.args.max_seq_len:
         raise UserError(f"verify's prompt takes {len(ids)} positions, more than the model's seq_len "
                         f"{header.args.max_seq_len} leaves room for")
-    if header.version == 2:
+    if header.version >= 2:
         checks = [check_quality(subject, cmodel, sp), check_tokens(ctok, ids)]
-        greedy, generated = check_greedy_int8(subject, cmodel, ctok, ids)
+        greedy, generated = check_greedy_quantized(subject, cmodel, ctok, ids)
     else:
         checks = [check_logits(subject, cmodel, ids), check_tokens(ctok, ids)]
         greedy, generated = check_greedy(subject, cmodel, ctok, ids)
@@ -256,7 +258,7 @@ def verify(subject: Subject) -> list[Check]:
         render, chat_ids = check_chat_render(ctok, sp)
         checks.append(render)
         if len(chat_ids) < header.args.max_seq_len:
-            checks.append(check_chat_reply(subject, cmodel, ctok, chat_ids, header.version == 2))
+            checks.append(check_chat_reply(subject, cmodel, ctok, chat_ids, header.version >= 2))
     return checks
 
 
@@ -272,7 +274,10 @@ def run_verify(target: Path, tokenizer_dir: Path | None) -> int:
         subject = subject_from_bin(target, tokenizer_dir)
     args = subject.model.args
     header = read_header(subject.model_bin)
-    detail = f", int8 (group size {header.group_size})" if header.version == 2 else ""
+    detail = {2: f", int8 (group size {header.group_size})",
+              3: f", int4 (group size {header.group_size}; embedding "
+                 f"{f'int8, group size {header.embedding_group_size}' if header.embedding_bits == 8 else 'int4'})"}
+    detail = detail.get(header.version, "")
     print(f"verify {target}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
           f"({args.n_kv_heads} kv), vocab {args.vocab_size}, seq_len {args.max_seq_len}, "
           f"model.bin v{header.version}{detail}")
