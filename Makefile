@@ -5,8 +5,8 @@ TORCH   ?= torch==2.13.0
 VENV    := .venv
 VPY     := $(VENV)/bin/python
 
-ENGINE_SRC := csrc/model.c csrc/quant.c csrc/tokenizer.c csrc/sampler.c csrc/generate.c
-ENGINE_HDR := csrc/llama2.h csrc/common.h csrc/quant.h
+ENGINE_SRC := csrc/model.c csrc/quant.c csrc/quant4.c csrc/tokenizer.c csrc/sampler.c csrc/generate.c
+ENGINE_HDR := csrc/llama2.h csrc/common.h csrc/quant.h csrc/quant4.h
 # the build products are rebuilt when their flags here change too
 ENGINE_DEPS := $(ENGINE_SRC) $(ENGINE_HDR) Makefile
 CFLAGS  ?= -O3

@@ -26,8 +26,11 @@ typedef struct {
     int vocab_size;
     int seq_len;           /* longest context the model was built for */
     int shared_classifier; /* 1: the classifier is the token embedding */
-    int version;           /* file format: 0 legacy, 1 ak42 fp32, 2 ak42 int8 (Q8_0) */
-    int group_size;        /* version 2: values per int8 group with one fp32 scale; else 0 */
+    int version;           /* file format: 0 legacy, 1 ak42 fp32, 2 ak42 int8 (Q8_0), 3 ak42 4-bit */
+    int group_size;        /* version 2: values per int8 group with one fp32 scale; version 3:
+                              per 4-bit group with an fp16 scale and min; else 0 */
+    int embedding_bits;    /* version 3: 4 or 8, the embedding's (and unshared classifier's); else 0 */
+    int embedding_group_size; /* version 3 with embedding_bits 8: their int8 group size; else 0 */
 } L2Config;
 
 typedef struct L2Model L2Model;

@@ -12,6 +12,7 @@
 #include "llama2.h"
 #include "common.h"
 #include "quant.h"
+#include "quant4.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -37,6 +38,7 @@ static int omp_get_max_threads(void) { return 1; }
 #define V0_HEADER_BYTES 28     /* 7 int32 */
 #define V1_HEADER_BYTES 256    /* also version 2's */
 #define V2_GROUP_OFFSET 37     /* int32 group size, right after the shared_classifier byte */
+#define V3_EMBEDDING_OFFSET 41 /* version 3: uint8 embedding bits, then int32 its group size */
 
 #define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers (see batch_rows) */
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
@@ -47,13 +49,16 @@ static int omp_get_max_threads(void) { return 1; }
 #define SOFTMAX_STEP 16   /* attention's softmax runs over multiples of this (see attend) */
 _Static_assert(KEY_BLOCK % SOFTMAX_STEP == 0, "a score row's room is a multiple of SOFTMAX_STEP");
 
-/* A weight matrix of d rows by n: float32, or int8 with a float32 scale per group of gs
+/* A weight matrix of d rows by n: float32; int8 with a float32 scale per group of gs
  * consecutive values (version 2, when gs divides n; the others, whose groups straddle rows,
- * are dequantized at load: see load_int8_weights). */
+ * are dequantized at load: see load_quantized); or 4-bit with an fp16 scale and min per
+ * group (version 3, whose embedding and classifier may be int8). Its activations are
+ * quantized in groups of gs (0: float32, not quantized). */
 typedef struct {
-    const float *f; /* (d, n), or NULL when int8 */
-    Q8Mat q8;       /* when int8 */
-    int d, n;
+    const float *f; /* (d, n), when float32 */
+    Q8Mat q8;       /* when int8 (q8.q not NULL) */
+    Q4Mat q4;       /* when 4-bit (q4.q not NULL) */
+    int d, n, gs;
 } Mat;
 
 enum { WQ, WK, WV, WO, W1, W2, W3, N_KINDS }; /* the matrices of a layer, in file order */
@@ -68,7 +73,7 @@ typedef struct {
     Mat wcls;               /* (vocab, dim) */
 } Weights;
 
-/* A matmul's input (see prepare): normed (T, dim), and for int8 weights quantized
+/* A matmul's input (see prepare): normed (T, dim), and for quantized weights quantized
  * (T, max(dim, hidden_dim)). Each thread has its own, for decoding; a batch's is shared. */
 typedef struct {
     float *xn;
@@ -105,11 +110,12 @@ struct L2Model {
     RunState s;     /* shared by the model's own sequence and its batches' */
     KVCache kv;     /* the single-sequence API's cache */
     const Kernels *kernels;
+    const Q4Kernels *kernels4; /* the 4-bit ones of the same set */
     int n_threads;
     Mat *mats;      /* the storage of w.layer */
-    float *scales;  /* aligned copies of the scales, when the file leaves them unaligned */
+    float *scales;  /* aligned copies of the int8 scales, when the file leaves them unaligned */
     float *dequantized; /* the int8 matrices whose groups straddle rows, in float32 */
-    void *packed;   /* int8 weights in the kernels' own layout, when they have one */
+    void *packed;   /* quantized weights in the kernels' own layout, when they have one */
     void *map;
     size_t map_size;
 };
@@ -132,7 +138,7 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
     const unsigned char *params;
     if ((uint32_t)read_i32(p) == AK42_MAGIC) {
         int version = read_i32(p + 4);
-        if (version != 1 && version != 2) {
+        if (version < 1 || version > 3) {
             set_err(err, "%s: unsupported model.bin version %d", path, version);
             return -1;
         }
@@ -149,7 +155,11 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
             return -1;
         }
         cfg->shared_classifier = (int)shared;
-        if (version == 2) cfg->group_size = read_i32(p + V2_GROUP_OFFSET);
+        if (version >= 2) cfg->group_size = read_i32(p + V2_GROUP_OFFSET);
+        if (version == 3) {
+            cfg->embedding_bits = p[V3_EMBEDDING_OFFSET];
+            cfg->embedding_group_size = read_i32(p + V3_EMBEDDING_OFFSET + 1);
+        }
     } else {
         if (size < V0_HEADER_BYTES) {
             set_err(err, "%s: %zu bytes, too small to be a model.bin", path, size);
@@ -212,6 +222,29 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
             }
         }
     }
+    /* a 4-bit group never straddles rows (every row is dim or hidden_dim wide), and holds
+     * whole bytes */
+    if (cfg->version == 3) {
+        int gs = cfg->group_size, bits = cfg->embedding_bits, egs = cfg->embedding_group_size;
+        if (gs <= 0 || gs % 2 || cfg->dim % gs || cfg->hidden_dim % gs) {
+            set_err(err, "%s: group size %d must be even and divide dim %d and hidden_dim %d", path, gs,
+                    cfg->dim, cfg->hidden_dim);
+            return -1;
+        }
+        if (bits != 4 && bits != 8) {
+            set_err(err, "%s: embedding_bits is %d, not 4 or 8", path, bits);
+            return -1;
+        }
+        if (bits == 8 && (egs <= 0 || cfg->dim % egs)) {
+            set_err(err, "%s: embedding group size %d must be positive and divide dim %d", path, egs,
+                    cfg->dim);
+            return -1;
+        }
+        if (bits == 4 && egs) {
+            set_err(err, "%s: embedding group size %d must be 0 with a 4-bit embedding", path, egs);
+            return -1;
+        }
+    }
     return header;
 }
 
@@ -220,7 +253,8 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
 typedef struct {
     const unsigned char *base;
     uint64_t at; /* bytes so far */
-    int gs;      /* group size of int8 matrices; 0: float32 */
+    int bits;    /* of the matrices to come: 32, 8 or 4 */
+    int gs;      /* their group size, when quantized */
 } Cursor;
 
 static const float *take_f32(Cursor *c, uint64_t count) {
@@ -233,17 +267,29 @@ static void take_mat(Cursor *c, Mat *m, int d, int n) {
     uint64_t count = (uint64_t)d * n;
     m->d = d;
     m->n = n;
-    if (!c->gs) {
+    m->gs = c->bits == 32 ? 0 : c->gs;
+    if (c->bits == 32) {
         m->f = take_f32(c, count);
-        return;
+    } else if (c->bits == 8) {
+        m->q8.q = c->base ? (const int8_t *)(c->base + c->at) : NULL;
+        c->at += count;
+        m->q8.s = take_f32(c, count / c->gs); /* possibly unaligned: load_quantized copies those */
+    } else { /* the values, then the scales, then the mins (fp16, at any address) */
+        const unsigned char *at = c->base ? c->base + c->at : NULL;
+        m->q4 = (Q4Mat){at, at ? at + count / 2 : NULL, at ? at + count / 2 + count / c->gs * 2 : NULL, NULL};
+        c->at += count / 2 + count / c->gs * 4;
     }
-    m->q8.q = c->base ? (const int8_t *)(c->base + c->at) : NULL;
-    c->at += count;
-    m->q8.s = take_f32(c, count / c->gs); /* possibly unaligned: check_q8 copies those */
 }
 
 static void take_layers(Cursor *c, Mat *mats, int n_layers, int d, int n) {
     for (int l = 0; l < n_layers; l++) take_mat(c, &mats[l], d, n);
+}
+
+/* Version 3's embedding and unshared classifier: embedding_bits, in groups of their own when
+ * int8 (the layers are 4-bit). */
+static void embedding_kind(Cursor *cur, const L2Config *c) {
+    cur->bits = c->embedding_bits;
+    cur->gs = c->embedding_bits == 8 ? c->embedding_group_size : c->group_size;
 }
 
 /* Returns the bytes the tensors take. With the bounds parse_header enforces no count here
@@ -251,7 +297,7 @@ static void take_layers(Cursor *c, Mat *mats, int n_layers, int d, int n) {
 static uint64_t map_weights(Weights *w, const L2Config *c, const unsigned char *base) {
     int dim = c->dim, hidden = c->hidden_dim, L = c->n_layers, vocab = c->vocab_size;
     int kv_dim = dim / c->n_heads * c->n_kv_heads, head_size = dim / c->n_heads;
-    Cursor cur = {base, 0, c->version == 2 ? c->group_size : 0};
+    Cursor cur = {base, 0, c->version == 2 ? 8 : 32, c->group_size};
     if (c->version == 0) {
         take_mat(&cur, &w->token_embedding, vocab, dim);
         w->rms_att = take_f32(&cur, (uint64_t)L * dim);
@@ -259,7 +305,9 @@ static uint64_t map_weights(Weights *w, const L2Config *c, const unsigned char *
         w->rms_att = take_f32(&cur, (uint64_t)L * dim);
         w->rms_ffn = take_f32(&cur, (uint64_t)L * dim);
         w->rms_final = take_f32(&cur, dim);
+        if (c->version == 3) embedding_kind(&cur, c);
         take_mat(&cur, &w->token_embedding, vocab, dim);
+        if (c->version == 3) cur.bits = 4, cur.gs = c->group_size;
     }
     take_layers(&cur, w->layer[WQ], L, dim, dim);
     take_layers(&cur, w->layer[WK], L, kv_dim, dim);
@@ -274,18 +322,20 @@ static uint64_t map_weights(Weights *w, const L2Config *c, const unsigned char *
         /* freq_cis_real and _imag: skipped, RoPE is computed */
         take_f32(&cur, (uint64_t)c->seq_len * head_size);
     }
-    if (c->shared_classifier)
+    if (c->shared_classifier) {
         w->wcls = w->token_embedding;
-    else
+    } else {
+        if (c->version == 3) embedding_kind(&cur, c);
         take_mat(&cur, &w->wcls, vocab, dim);
+    }
     return cur.at;
 }
 
 /* Checks an int8 matrix: Q8_0 values lie in -127..127 (the kernels negate them) and scales
  * are finite and >= 0. Scales the file leaves unaligned (a group size that is not a multiple
- * of 4) are first copied to *spare. */
-static int check_q8(Mat *m, int gs, float **spare, const char *path, char *err) {
-    uint64_t count = (uint64_t)m->d * m->n, n_scales = count / gs;
+ * of 4, or version 3's classifier after the 4-bit layers) are first copied to *spare. */
+static int check_q8(Mat *m, float **spare, const char *path, char *err) {
+    uint64_t count = (uint64_t)m->d * m->n, n_scales = count / m->gs;
     if (memchr(m->q8.q, 0x80, count)) {
         set_err(err, "%s: an int8 weight is -128: not Q8_0 (whose values lie in -127..127)", path);
         return 0;
@@ -305,85 +355,114 @@ static int check_q8(Mat *m, int gs, float **spare, const char *path, char *err) 
     return 1;
 }
 
-/* The model's int8 matrices, i < n_int8(m): the layers', the embedding, then the classifier
+/* Checks a 4-bit matrix: its fp16 scales and mins are finite (exponent bits not all ones). */
+static int check_q4(const Mat *m, const char *path, char *err) {
+    uint64_t n_groups = (uint64_t)m->d * m->n / m->gs;
+    for (int k = 0; k < 2; k++) {
+        const uint8_t *p = k ? m->q4.m : m->q4.s;
+        for (uint64_t i = 0; i < n_groups; i++) {
+            uint16_t h = f16_at(p, i);
+            if ((h & 0x7c00) == 0x7c00) {
+                set_err(err, "%s: a 4-bit quantization %s is %g, not a finite number", path,
+                        k ? "min" : "scale", (double)f16_to_f32(h));
+                return 0;
+            }
+        }
+    }
+    return 1;
+}
+
+/* The model's matrices, i < n_mats(m): the layers', the embedding, then the classifier
  * unless it is the embedding. */
-static size_t n_int8(const L2Model *m) {
+static size_t n_mats(const L2Model *m) {
     return (size_t)m->cfg.n_layers * N_KINDS + 2 - m->cfg.shared_classifier;
 }
 
-static Mat *int8_mat(L2Model *m, size_t i) {
+static Mat *mat_at(L2Model *m, size_t i) {
     size_t n_layer_mats = (size_t)m->cfg.n_layers * N_KINDS;
     return i < n_layer_mats ? &m->mats[i] : i == n_layer_mats ? &m->w.token_embedding : &m->w.wcls;
 }
 
-/* Checks the int8 matrices (check_q8). llama2.c's export groups each matrix flattened, so a
- * group size that does not divide a matrix's rows (its w2's 172 values in groups of 64)
- * makes groups straddle rows. Activations are quantized per row, in the weights' groups,
- * so the int8 kernels cannot run such a matrix: it is dequantized to float32 here, the
- * values every reader gets (q * s, as export.read_model_bin), and runs as a version 1
- * matrix does: exact, at 4 times the int8 size. */
-static int load_int8_weights(L2Model *m, const char *path, char *err) {
-    int gs = m->cfg.group_size;
+/* Checks the quantized matrices (check_q8, check_q4). llama2.c's export groups each matrix
+ * flattened, so a version 2 group size that does not divide a matrix's rows (its w2's 172
+ * values in groups of 64) makes groups straddle rows. Activations are quantized per row, in
+ * the weights' groups, so the int8 kernels cannot run such a matrix: it is dequantized to
+ * float32 here, the values every reader gets (q * s, as export.read_model_bin), and runs as
+ * a version 1 matrix does: exact, at 4 times the int8 size. */
+static int load_quantized(L2Model *m, const char *path, char *err) {
     uint64_t n_scales = 0, n_float = 0;
-    for (size_t i = 0; i < n_int8(m); i++) {
-        const Mat *w = int8_mat(m, i);
-        n_scales += (uint64_t)w->d * w->n / gs;
-        if (w->n % gs) n_float += (uint64_t)w->d * w->n;
+    for (size_t i = 0; i < n_mats(m); i++) {
+        const Mat *w = mat_at(m, i);
+        if (!w->q8.q) continue;
+        if ((uintptr_t)w->q8.s % sizeof(float)) n_scales += (uint64_t)w->d * w->n / w->gs;
+        if (w->n % w->gs) n_float += (uint64_t)w->d * w->n;
     }
     float *spare = NULL, *f = NULL;
-    if (gs % 4) spare = m->scales = malloc(n_scales * sizeof(float));
+    if (n_scales) spare = m->scales = malloc(n_scales * sizeof(float));
     if (n_float) f = m->dequantized = malloc(n_float * sizeof(float));
-    if ((gs % 4 && !spare) || (n_float && !f)) {
+    if ((n_scales && !spare) || (n_float && !f)) {
         set_err(err, "%s: out of memory for the int8 weights", path);
         return 0;
     }
-    for (size_t i = 0; i < n_int8(m); i++) {
-        Mat *w = int8_mat(m, i);
-        if (!check_q8(w, gs, &spare, path, err)) return 0;
-        if (w->n % gs == 0) continue;
+    for (size_t i = 0; i < n_mats(m); i++) {
+        Mat *w = mat_at(m, i);
+        if (w->q4.q && !check_q4(w, path, err)) return 0;
+        if (!w->q8.q) continue;
+        if (!check_q8(w, &spare, path, err)) return 0;
+        if (w->n % w->gs == 0) continue;
         uint64_t count = (uint64_t)w->d * w->n;
-        for (uint64_t j = 0; j < count; j++) f[j] = w->q8.q[j] * w->q8.s[j / gs];
+        for (uint64_t j = 0; j < count; j++) f[j] = w->q8.q[j] * w->q8.s[j / w->gs];
         w->f = f;
         w->q8 = (Q8Mat){0};
+        w->gs = 0;
         f += count;
     }
     if (m->cfg.shared_classifier) m->w.wcls = m->w.token_embedding;
     return 1;
 }
 
-/* Copies the int8 matrices into the kernels' own layout, when they have one. The copy is
- * also the place to ask for huge pages: streamed weights then do not miss the TLB, nor stop
- * the hardware prefetcher, every 4 KiB. */
+/* The bytes of w in its kernels' own layout; 0 when they read the file's. */
+static size_t packed_bytes(const L2Model *m, const Mat *w) {
+    if (w->q4.q && m->kernels4->packed_size) return m->kernels4->packed_size(w->d, w->n, w->gs);
+    if (w->q8.q && m->kernels->packed_size) return m->kernels->packed_size(w->d, w->n, w->gs);
+    return 0;
+}
+
+/* Copies the quantized matrices into the kernels' own layout, when they have one. The copy
+ * is also the place to ask for huge pages: streamed weights then do not miss the TLB, nor
+ * stop the hardware prefetcher, every 4 KiB. (The embedding keeps the file's layout: it is
+ * read a row at a time.) */
 static int pack_weights(L2Model *m, const char *path, char *err) {
-    const Kernels *k = m->kernels;
-    int gs = m->cfg.group_size;
-    if (!k->packed_size) return 1;
-    size_t n_mats = (size_t)m->cfg.n_layers * N_KINDS, total = 0;
-    for (size_t i = 0; i <= n_mats; i++) { /* the layers' and the classifier */
-        const Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
-        if (w->f) continue; /* dequantized */
-        size_t size = k->packed_size(w->d, w->n, gs);
-        if (!size) return 1; /* not for this group size: the kernels read the file's layout */
-        total += size;
+    size_t n_layer_mats = (size_t)m->cfg.n_layers * N_KINDS, total = 0;
+    for (size_t i = 0; i <= n_layer_mats; i++) { /* the layers' and the classifier */
+        const Mat *w = i < n_layer_mats ? &m->mats[i] : &m->w.wcls;
+        total += packed_bytes(m, w);
     }
-    if (!total) return 1; /* every matrix dequantized */
+    if (!total) return 1;
     if (posix_memalign(&m->packed, (size_t)1 << 21, total)) {
         m->packed = NULL;
-        set_err(err, "%s: out of memory for the int8 weights", path);
+        set_err(err, "%s: out of memory for the quantized weights", path);
         return 0;
     }
     madvise(m->packed, total, MADV_HUGEPAGE);
     char *at = m->packed;
-    for (size_t i = 0; i <= n_mats; i++) {
-        Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
-        if (w->f) continue;
-        w->q8.packed = at;
-        at += k->packed_size(w->d, w->n, gs);
+    for (size_t i = 0; i <= n_layer_mats; i++) {
+        Mat *w = i < n_layer_mats ? &m->mats[i] : &m->w.wcls;
+        size_t size = packed_bytes(m, w);
+        if (!size) continue;
+        if (w->q4.q)
+            w->q4.packed = at;
+        else
+            w->q8.packed = at;
+        at += size;
     }
 #pragma omp parallel for schedule(dynamic) num_threads(m->n_threads)
-    for (size_t i = 0; i <= n_mats; i++) {
-        Mat *w = i < n_mats ? &m->mats[i] : &m->w.wcls;
-        if (!w->f) k->pack_q8((void *)w->q8.packed, &w->q8, w->d, w->n, gs);
+    for (size_t i = 0; i <= n_layer_mats; i++) {
+        Mat *w = i < n_layer_mats ? &m->mats[i] : &m->w.wcls;
+        if (w->q4.packed)
+            m->kernels4->pack_q4((void *)w->q4.packed, &w->q4, w->d, w->n, w->gs);
+        else if (w->q8.packed)
+            m->kernels->pack_q8((void *)w->q8.packed, &w->q8, w->d, w->n, w->gs);
     }
     return 1;
 }
@@ -433,6 +512,13 @@ static void free_thread_buffers(ThreadBuffers *mine, int n) {
 /* The rows of the batch buffers: a prefill never runs more than seq_len tokens. */
 static int batch_rows(const L2Config *c) { return c->seq_len < PREFILL_CHUNK ? c->seq_len : PREFILL_CHUNK; }
 
+/* The smallest group in which activations are quantized (0: none are). */
+static int min_group(const L2Config *c) {
+    if (c->version == 3 && c->embedding_bits == 8 && c->embedding_group_size < c->group_size)
+        return c->embedding_group_size;
+    return c->version >= 2 ? c->group_size : 0;
+}
+
 /* Replaces the thread buffers with room for n_threads; on failure keeps the old ones. */
 static int alloc_thread_buffers(RunState *s, const L2Config *c, int n_threads) {
     size_t B = batch_rows(c);
@@ -443,7 +529,7 @@ static int alloc_thread_buffers(RunState *s, const L2Config *c, int n_threads) {
         ThreadBuffers *b = &mine[i];
         b->xn = malloc(B * c->dim * sizeof(float));
         ok = b->xn != NULL;
-        size_t groups = c->version == 2 ? n / c->group_size : 0; /* 0: no input is quantized */
+        size_t groups = min_group(c) ? n / min_group(c) : 0; /* 0: no input is quantized */
         if (ok && groups) {
             b->xq.q = malloc(B * n);
             b->xq.s = malloc(B * groups * sizeof(float));
@@ -578,15 +664,16 @@ L2Model *l2_model_open(const char *path, char *err) {
     map_weights(&m->w, &m->cfg, (const unsigned char *)map + header);
     /* the weights are streamed front to back on every token */
     madvise(map, size, MADV_WILLNEED);
-    if (m->cfg.version == 2 && !load_int8_weights(m, path, err)) goto fail;
+    if (m->cfg.version >= 2 && !load_quantized(m, path, err)) goto fail;
     const char *kernel = getenv("LLAMA2ZH_KERNEL"); /* lets tests force each kernel set */
     m->kernels = kernels_select(kernel && *kernel ? kernel : NULL, err);
     if (!m->kernels) goto fail;
+    m->kernels4 = kernels4_select(m->kernels->name);
     if (!alloc_state(&m->s, &m->cfg) || !alloc_kv(&m->kv, &m->cfg) || l2_model_set_threads(m, 0) < 0) {
         set_err(err, "%s: out of memory for the run state and KV cache", path);
         goto fail;
     }
-    if (m->cfg.version == 2 && !pack_weights(m, path, err)) goto fail;
+    if (m->cfg.version >= 2 && !pack_weights(m, path, err)) goto fail;
     return m;
 fail:
     l2_model_close(m);
@@ -748,20 +835,21 @@ static Share share(int t0, int t1) {
     return (Share){part_start(t0, t1, id, KERNEL_TOKENS), part_start(t0, t1, id + 1, KERNEL_TOKENS), 1};
 }
 
-/* A matmul's input: x for float32 weights, xq for int8 ones. */
+/* A matmul's input: x for float32 weights, xq for quantized ones. */
 typedef struct {
     const float *x;
     const Q8Act *xq;
 } Input;
 
 /* Makes a matmul's input from rows sh.t0..sh.t1-1 of src (row t at row t - sh.t0 of the
- * result): rmsnormed by weight unless it is NULL, then quantized for int8 weights. Called by
+ * result): rmsnormed by weight unless it is NULL, then quantized in groups of gs for
+ * quantized weights (gs 0: float32 ones; see Mat). Called by
  * every thread of a parallel region. By tokens, or a single row (decoding): each thread makes
  * its own, in its own buffer, with no barrier to wait at. Several rows shared by rows: the
  * threads share the rows out, into thread 0's buffer, and wait for each other; the caller
  * must have put a barrier between the last matmul that read that buffer and this call. */
-static Input prepare(const L2Model *m, const float *src, const float *weight, Share sh, int n) {
-    int id = omp_get_thread_num(), t0 = sh.t0, gs = m->cfg.group_size;
+static Input prepare(const L2Model *m, const float *src, const float *weight, Share sh, int n, int gs) {
+    int id = omp_get_thread_num(), t0 = sh.t0;
     int shared = !sh.by_tokens && sh.t1 - t0 > 1 && omp_get_num_threads() > 1;
     ThreadBuffers *b = &m->s.mine[shared ? 0 : id];
     int a = shared ? part_start(t0, sh.t1, id, 1) : t0;
@@ -771,7 +859,7 @@ static Input prepare(const L2Model *m, const float *src, const float *weight, Sh
         rmsnorm(b->xn + (size_t)(a - t0) * n, src + (size_t)a * n, weight, n, z - a);
         in.x = b->xn;
     }
-    if (m->cfg.version == 2 && n % gs == 0) { /* else its matrices were dequantized */
+    if (gs) {
         for (int t = a - t0; t < z - t0; t++)
             m->kernels->quantize(b->xq.q + (size_t)t * n, b->xq.s + (size_t)t * (n / gs),
                                  b->xq.sum + (size_t)t * (n / gs), in.x + (size_t)t * n, n, gs);
@@ -803,8 +891,10 @@ static void matmul(const L2Model *m, float *out, int first, Input in, Share sh, 
     *r1 = sh.by_tokens ? w->d : part_start(0, w->d, id + 1, KERNEL_ROWS);
     if (*r0 >= *r1 || T <= 0) return;
     out += (size_t)(sh.t0 - first) * w->d;
-    if (w->q8.q)
-        m->kernels->matmul_q8(out, in.xq, &w->q8, T, w->n, w->d, m->cfg.group_size, *r0, *r1);
+    if (w->q4.q)
+        m->kernels4->matmul_q4(out, in.xq, &w->q4, T, w->n, w->d, w->gs, *r0, *r1);
+    else if (w->q8.q)
+        m->kernels->matmul_q8(out, in.xq, &w->q8, T, w->n, w->d, w->gs, *r0, *r1);
     else
         m->kernels->matmul_f32(out, in.x, w->f, T, w->n, w->d, *r0, *r1);
 }
@@ -884,12 +974,12 @@ static void store_kv(const L2Model *m, const Span *spans, int n_spans, int l, in
 static void embed(const L2Model *m, float *x, int token) {
     const Mat *e = &m->w.token_embedding;
     size_t row = (size_t)token * e->n;
-    if (e->f) {
+    if (e->f)
         memcpy(x, e->f + row, e->n * sizeof(float));
-        return;
-    }
-    int gs = m->cfg.group_size;
-    for (int j = 0; j < e->n; j++) x[j] = e->q8.q[row + j] * e->q8.s[(row + j) / gs];
+    else if (e->q4.q)
+        dequantize_q4_row(x, &e->q4, token, e->n, e->gs);
+    else
+        for (int j = 0; j < e->n; j++) x[j] = e->q8.q[row + j] * e->q8.s[(row + j) / e->gs];
 }
 
 /* The embeddings of rows t0..t1-1 of the batch, into x, and the cos and sin of their RoPE
@@ -938,7 +1028,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, const Span *span
         }
         for (int l = 0; l < p->n_layers; l++) {
             /* q, k (both rotated) and v; k and v into the caches */
-            in = prepare(m, s->x, w->rms_att + (size_t)l * dim, sh, dim);
+            in = prepare(m, s->x, w->rms_att + (size_t)l * dim, sh, dim, w->layer[WQ][l].gs);
             matmul(m, s->q, 0, in, sh, &w->layer[WQ][l], &r0, &r1);
             for (int t = sh.t0; t < sh.t1; t++)
                 rope(s->q + (size_t)t * dim, r0, r1, head_size, s->rope + (size_t)t * head_size);
@@ -967,7 +1057,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, const Span *span
                                seen + t, p, att);
                 }
             }
-            in = prepare(m, s->xb, NULL, sh, dim);
+            in = prepare(m, s->xb, NULL, sh, dim, w->layer[WO][l].gs);
             matmul(m, s->xb2, 0, in, sh, &w->layer[WO][l], &r0, &r1);
             residual(s->x, s->xb2, sh, dim, r0, r1);
             if (!sh.by_tokens) {
@@ -975,7 +1065,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, const Span *span
             }
 
             /* SwiGLU: w2(silu(w1 x) * w3 x) */
-            in = prepare(m, s->x, w->rms_ffn + (size_t)l * dim, sh, dim);
+            in = prepare(m, s->x, w->rms_ffn + (size_t)l * dim, sh, dim, w->layer[W1][l].gs);
             matmul(m, s->hb, 0, in, sh, &w->layer[W1][l], &r0, &r1);
             matmul(m, s->hb2, 0, in, sh, &w->layer[W3][l], &r0, &r1);
             for (int t = sh.t0; t < sh.t1; t++) {
@@ -986,7 +1076,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, const Span *span
             if (!sh.by_tokens) {
 #pragma omp barrier
             }
-            in = prepare(m, s->hb, NULL, sh, hidden_dim);
+            in = prepare(m, s->hb, NULL, sh, hidden_dim, w->layer[W2][l].gs);
             matmul(m, s->xb2, 0, in, sh, &w->layer[W2][l], &r0, &r1);
             residual(s->x, s->xb2, sh, dim, r0, r1);
             if (!sh.by_tokens) {
@@ -999,7 +1089,7 @@ static void forward_batch(L2Model *m, const int *tokens, int T, const Span *span
         if (sh.by_tokens && !last.by_tokens) { /* then they need rows of x other threads made */
 #pragma omp barrier
         }
-        in = prepare(m, s->x, w->rms_final, last, dim);
+        in = prepare(m, s->x, w->rms_final, last, dim, w->wcls.gs);
         matmul(m, out, first, in, last, &w->wcls, &r0, &r1);
     }
 }
