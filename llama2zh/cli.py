@@ -443,7 +443,7 @@ def build_parser() -> Parser:
                    "out/RUN/hf); gguf: a GGUF file and an Ollama Modelfile beside it (default out/RUN/gguf/)")
     p.add_argument("--version", type=int, choices=EXPORT_VERSIONS, help="bin: 0, 1 (default) or 2 (int8)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="hf: weight type (default float32)")
-    p.add_argument("--type", choices=("f32", "f16", "q8_0"), help="gguf: tensor type (default f32)")
+    p.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0"), help="gguf: tensor type (default f32)")
     p.add_argument("--group-size", type=int, metavar="N",
                    help="v2: values per int8 group (default 64, halved until it divides dim and hidden_dim); "
                    "each group's scale is the one of max|w|/127 (llama2.c's) and up to 1%% smaller that "

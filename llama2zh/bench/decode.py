@@ -1,5 +1,5 @@
 """`make bench`, decode part: the C engine's decode and prefill speed, fp32 and int8, against
-PyTorch, measured in the same run.
+PyTorch and llama.cpp, measured in the same run.
 
 Random models of llama2.c's 15M, 42M and 110M shapes with the 32000- and 55296-piece vocabs,
 written as model.bin v1 (float32) and v2 (int8, Q8_0 groups). For each, at 1 and 2 threads:
@@ -10,7 +10,12 @@ written as model.bin v1 (float32) and v2 (int8, Q8_0 groups). For each, at 1 and
   prefill  a 128-token prompt through l2_model_prefill (the binding), tokens / second (best
            of PREFILL_RUNS, or of those done in PREFILL_SECONDS: one takes milliseconds,
            which a moment of load elsewhere spoils);
-  PyTorch  generate() of 256 tokens (KV-cached) and one forward pass over the prompt.
+  PyTorch  generate() of 256 tokens (KV-cached) and one forward pass over the prompt;
+  llama.cpp  the same model exported by our GGUF exporter as F32, Q8_0 and Q4_0, run by llama-bench
+           (tg256 and pp128, one repetition after its own warm-up) in each round, taking turns
+           with ./run's runs, best of rounds. llama.cpp is the pinned copy of
+           llama2zh.interop.llamacpp, built for this CPU (-march=native, AMX off); where it cannot
+           be built, or with --no-llamacpp, those rows are left out.
 
 "fp32 plain" is the C engine's portable kernel (the C loops, as the compiler vectorises them
 for this CPU: the engine's fp32 path before the SIMD kernels); the other C rows use the
@@ -22,17 +27,23 @@ compare runs made minutes apart, more than the absolute figures.
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import platform
 import re
 import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import sentencepiece as spm
 import torch
+from sentencepiece import sentencepiece_model_pb2
 
 from llama2zh.engine import CModel, run_binary
 from llama2zh.export import write_model_bin
+from llama2zh.interop import llamacpp
+from llama2zh.interop.gguf import write_gguf
 from llama2zh.model import ModelArgs, Transformer
 from llama2zh.paths import ROOT
 from llama2zh.vocab.export import write_tokenizer_bin
@@ -48,13 +59,19 @@ PROMPT = 128
 C_ROUNDS = 3  # decode rounds of the C engine, every shape: a single 110M run was at the noise's mercy
 PREFILL_RUNS, PREFILL_SECONDS = 20, 2.0
 THREADS = (1, 2)
+C_VARIANTS = (  # row label, model.bin version, kernel (None: the best this CPU runs)
+    ("fp32 plain", 1, "portable"),
+    ("fp32", 1, None),
+    ("int8 v2", 2, None),
+)
+GGUF_TYPES = ("f32", "q8_0", "q4_0")  # written by our exporter, run by llama-bench
 
 
 @dataclass
 class Row:
     shape: str
     vocab: int
-    weights: str  # what runs: "fp32 plain", "fp32 avx512", "int8 v2 avx512", "PyTorch fp32"
+    weights: str  # what runs: "fp32 plain", "fp32 avx512", "int8 v2 avx512", "PyTorch fp32", "llama.cpp Q8_0"
     megabytes: float
     threads: int
     decode: float
@@ -67,6 +84,19 @@ def id_tokenizer(vocab_size: int, path: Path) -> Path:
     data = {"max_token_length": max(map(len, pieces)), "pieces": pieces, "scores": [0.0] * vocab_size,
             "trailer": None}
     return write_tokenizer_bin(data, path)
+
+
+def id_gguf(model: Transformer, path: Path, qtype: str) -> Path:
+    """model as a GGUF file whose vocabulary is id_tokenizer's pieces, "[0]".."[n-1]", as a
+    SentencePiece model (llama-bench tokenizes nothing: it needs a loadable vocab of the right size)."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    proto.trainer_spec.unk_piece, proto.trainer_spec.bos_piece, proto.trainer_spec.eos_piece = "[0]", "[1]", "[2]"
+    kinds = sentencepiece_model_pb2.ModelProto.SentencePiece
+    for i in range(model.args.vocab_size):
+        proto.pieces.add(piece=f"[{i}]", type=kinds.UNKNOWN if i == 0 else kinds.CONTROL if i < 3 else kinds.NORMAL)
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return write_gguf(model, sp, proto, path, qtype, path.stem)
 
 
 def random_model(shape: dict, vocab_size: int) -> Transformer:
@@ -86,6 +116,14 @@ def c_decode(model_bin: Path, tokenizer_bin: Path, kernel: str | None, threads: 
     if result.stdout.count("[") != STEPS:
         raise RuntimeError(f"{model_bin}: greedy decoding stopped after {result.stdout.count('[')} tokens")
     return float(re.search(r"achieved tok/s: ([\d.]+)", result.stderr).group(1))
+
+
+def llama_bench(bin_dir: Path, gguf_file: Path, threads: int) -> tuple[float, float]:
+    """llama.cpp's decode tok/s (tg256) and prefill tok/s (pp128), one repetition of each."""
+    result = subprocess.run([str(bin_dir / "llama-bench"), "-m", str(gguf_file), "-p", str(PROMPT), "-n", str(STEPS),
+                             "-t", str(threads), "-r", "1", "-o", "json"], capture_output=True, text=True, check=True)
+    rates = {(test["n_prompt"], test["n_gen"]): test["avg_ts"] for test in json.loads(result.stdout)}
+    return rates[(0, STEPS)], rates[(PROMPT, 0)]
 
 
 def open_with_kernel(model_bin: Path, kernel: str | None) -> CModel:
@@ -136,37 +174,52 @@ def torch_rates(model: Transformer, threads: int, repeats: int) -> tuple[float, 
     return decode, prefill
 
 
-def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: float) -> list[Row]:
+def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: float,
+                llamacpp_bin: Path | None) -> list[Row]:
     shape, repeats = SHAPES[name]
     repeats, rounds = (max(1, round(n * repeats_scale)) for n in (repeats, C_ROUNDS))
     model = random_model(shape, vocab)
-    fp32 = write_model_bin(model, work / f"{name}_{vocab}_v1.bin", 1)
-    int8 = write_model_bin(model, work / f"{name}_{vocab}_v2.bin", 2)
+    files = {version: write_model_bin(model, work / f"{name}_{vocab}_v{version}.bin", version)
+             for version in sorted({version for _, version, _ in C_VARIANTS})}
+    variants = [(label, files[version], kernel) for label, version, kernel in C_VARIANTS]
     tokenizer = id_tokenizer(vocab, work / f"ids{vocab}.bin")
-    variants = (("fp32 plain", fp32, "portable"), ("fp32", fp32, None), ("int8 v2", int8, None))
+    ggufs = [(f"llama.cpp {qtype.upper()}", id_gguf(model, work / f"{name}_{vocab}_{qtype}.gguf", qtype))
+             for qtype in (GGUF_TYPES if llamacpp_bin else ())]
     rows = []
     for threads in threads_list:
-        decode_runs = [[c_decode(path, tokenizer, kernel, threads) for _, path, kernel in variants]
-                       for _ in range(rounds + 1)][1:]  # the first round warms the files
-        for (label, path, kernel), decode in zip(variants, map(max, zip(*decode_runs, strict=True)), strict=True):
+        decode_runs, llamacpp_runs = [], []
+        for _ in range(rounds + 1):  # turns, round by round; the first round warms the files
+            decode_runs.append([c_decode(path, tokenizer, kernel, threads) for _, path, kernel in variants])
+            llamacpp_runs.append([llama_bench(llamacpp_bin, path, threads) for _, path in ggufs])
+        for (label, path, kernel), decode in zip(variants, map(max, zip(*decode_runs[1:], strict=True)), strict=True):
             prefill, used = c_prefill(path, kernel, threads)
             label = label if kernel else f"{label} {used}"
             rows.append(Row(name, vocab, label, path.stat().st_size / 1e6, threads, decode, prefill))
+        for (label, path), runs in zip(ggufs, zip(*llamacpp_runs[1:], strict=True), strict=True):
+            decode, prefill = (max(rates) for rates in zip(*runs, strict=True))
+            rows.append(Row(name, vocab, label, path.stat().st_size / 1e6, threads, decode, prefill))
         decode, prefill = torch_rates(model, threads, repeats)
-        rows.append(Row(name, vocab, "PyTorch fp32", fp32.stat().st_size / 1e6, threads, decode, prefill))
+        rows.append(Row(name, vocab, "PyTorch fp32", files[1].stat().st_size / 1e6, threads, decode, prefill))
         print(f"  {name} vocab {vocab}, {threads} thread(s): done", flush=True)
     return rows
 
 
 def table(rows: list[Row]) -> str:
     plain = {(r.shape, r.vocab, r.threads): r.decode for r in rows if r.weights == "fp32 plain"}
-    lines = ["| shape | vocab | weights | model.bin MB | threads | decode tok/s | decode vs fp32 plain "
+    lines = ["| shape | vocab | weights | file MB | threads | decode tok/s | decode vs fp32 plain "
              "| prefill tok/s | prefill / decode |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ratio = r.decode / plain[(r.shape, r.vocab, r.threads)]
         lines.append(f"| {r.shape} | {r.vocab} | {r.weights} | {r.megabytes:.0f} | {r.threads} | {r.decode:.0f} "
                      f"| {ratio:.2f}x | {r.prefill:.0f} | {r.prefill / r.decode:.1f}x |")
     return "\n".join(lines)
+
+
+def machine() -> str:
+    """The CPU's model name and count, for the line above the table."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    found = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.M)
+    return f"{found.group(1) if found else platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
 
 
 def main() -> None:
@@ -176,14 +229,24 @@ def main() -> None:
     parser.add_argument("--threads", nargs="+", type=int, default=list(THREADS))
     parser.add_argument("--repeats", type=float, default=1.0,
                         help="scales the number of timed runs (the C rounds and each shape's PyTorch repeats)")
+    parser.add_argument("--no-llamacpp", action="store_true", help="leave out the llama.cpp rows")
     args = parser.parse_args()
+    llamacpp_bin, about_llamacpp = None, ""
+    if not args.no_llamacpp:
+        try:
+            llamacpp_bin = llamacpp.build("native")
+            about_llamacpp = (f"; llama.cpp {llamacpp.VERSION} (llama-cpp-python's vendored copy), "
+                              "built -march=native with AMX off")
+        except RuntimeError as e:
+            print(f"bench.decode: no llama.cpp rows, it cannot be built here: {e}", flush=True)
     work = ROOT / "build" / "bench"
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.shapes:
         for vocab in args.vocabs:
-            rows += bench_model(name, vocab, work, args.threads, args.repeats)
-    print(f"\ndecode: {STEPS} greedy steps from BOS (`./run`, best of a few); prefill: a {PROMPT}-token prompt; "
+            rows += bench_model(name, vocab, work, args.threads, args.repeats, llamacpp_bin)
+    print(f"\nmachine: {machine()}{about_llamacpp}")
+    print(f"decode: {STEPS} greedy steps from BOS (`./run`, best of a few); prefill: a {PROMPT}-token prompt; "
           "random weights")
     print(table(rows))
 

@@ -33,7 +33,7 @@ from llama2zh.vocab.export import load_sentencepiece
 
 Q = gguf.GGMLQuantizationType
 QTYPES = {"f32": (Q.F32, gguf.LlamaFileType.ALL_F32), "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-          "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0)}
+          "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
 # our parameter name -> llama.cpp's, per layer
 LAYER_NAMES = {"attention.wq": "attn_q", "attention.wk": "attn_k", "attention.wv": "attn_v",
                "attention.wo": "attn_output", "feed_forward.w1": "ffn_gate", "feed_forward.w2": "ffn_down",
@@ -61,13 +61,13 @@ def tensor_names(state: dict, shared: bool) -> dict[str, str]:
 
 
 def _encoded(array: np.ndarray, qtype: str) -> tuple[np.ndarray, Q]:
-    """The tensor in qtype; norms (1-D) stay float32, and rows q8_0 blocks cannot cover fall back to
-    float16, as llama.cpp's converter does."""
+    """The tensor in qtype; norms (1-D) stay float32, and rows that q8_0's or q4_0's blocks (of 32)
+    cannot cover fall back to float16, as llama.cpp's converter does."""
     kind = QTYPES[qtype][0]
     if array.ndim == 1 or kind == Q.F32:
         return array.astype(np.float32), Q.F32
-    if kind == Q.Q8_0 and array.shape[-1] % gguf.GGML_QUANT_SIZES[Q.Q8_0][0] == 0:
-        return gguf.quants.quantize(array.astype(np.float32), Q.Q8_0), Q.Q8_0
+    if kind in (Q.Q8_0, Q.Q4_0) and array.shape[-1] % gguf.GGML_QUANT_SIZES[kind][0] == 0:
+        return gguf.quants.quantize(array.astype(np.float32), kind), kind
     return array.astype(np.float16), Q.F16
 
 
@@ -78,15 +78,23 @@ def export_gguf(run_dir: Path, out_file: Path, qtype: str = "f32") -> Path:
         raise UserError(f"unknown GGUF type {qtype!r}: choose {', '.join(QTYPES)}")
     model, state = load_checkpoint(run_dir / "ckpt.pt")
     sp, proto = load_sentencepiece(run_dir / "tokenizer.model")
-    args = model.args
-    if len(proto.pieces) != args.vocab_size:
-        raise UserError(f"{run_dir}: tokenizer.model has {len(proto.pieces)} pieces, the model {args.vocab_size} ids")
-    out_file.parent.mkdir(parents=True, exist_ok=True)
+    if len(proto.pieces) != model.args.vocab_size:
+        raise UserError(f"{run_dir}: tokenizer.model has {len(proto.pieces)} pieces, "
+                        f"the model {model.args.vocab_size} ids")
     chat_ids = chat.run_chat_ids(sp, state)
+    write_gguf(model, sp, proto, out_file, qtype, run_dir.resolve().name, chat_ids)
+    write_modelfile(out_file, model.args.max_seq_len, chat=chat_ids is not None)
+    return out_file
 
+
+def write_gguf(model, sp, proto, out_file: Path, qtype: str, name: str, chat_ids=None) -> Path:
+    """model (a Transformer) with its SentencePiece vocabulary (processor and ModelProto) as a GGUF
+    file; chat_ids (chat.run_chat_ids) adds the chat template."""
+    args = model.args
+    out_file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(out_file) as tmp:
         writer = gguf.GGUFWriter(tmp, "llama")
-        writer.add_name(run_dir.resolve().name)
+        writer.add_name(name)
         writer.add_file_type(QTYPES[qtype][1])
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         writer.add_vocab_size(args.vocab_size)
@@ -117,14 +125,13 @@ def export_gguf(run_dir: Path, out_file: Path, qtype: str = "f32") -> Path:
             writer.add_eot_token_id(chat_ids[1])  # llama.cpp ends a reply at <|im_end|>
 
         state = model.state_dict()
-        for key, name in tensor_names(state, args.shared_classifier).items():
+        for key, tensor_name in tensor_names(state, args.shared_classifier).items():
             data, kind = _encoded(state[key].float().numpy(), qtype)
-            writer.add_tensor(name, data, raw_dtype=kind)
+            writer.add_tensor(tensor_name, data, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    write_modelfile(out_file, args.max_seq_len, chat=chat_ids is not None)
     return out_file
 
 

@@ -66,8 +66,8 @@ def source() -> Path:
                                  "--no-binary", "llama-cpp-python", f"llama-cpp-python=={VERSION}", "-d", tmp],
                                 capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"pip could not download llama-cpp-python=={VERSION}'s sdist: "
-                               f"{result.stderr.strip().splitlines()[-1:]}")
+            reason = (result.stderr.strip().splitlines() or ["no message"])[-1]
+            raise RuntimeError(f"pip could not download llama-cpp-python=={VERSION}'s sdist ({reason})")
         (sdist,) = Path(tmp).glob("*.tar.gz")
         prefix = f"{sdist.name.removesuffix('.tar.gz')}/vendor/llama.cpp/"
         with tarfile.open(sdist) as tar:
