@@ -175,12 +175,15 @@ class Transformer(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=std, generator=generator)
 
     def forward(self, tokens: torch.Tensor, start_pos: int = 0, cache: KVCache | None = None,
-                segments: torch.Tensor | None = None) -> torch.Tensor:
+                segments: torch.Tensor | None = None, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) for tokens (B, T) placed at positions start_pos.. start_pos+T-1.
 
         segments (B, T), for rows that pack several sequences: a token attends only to earlier
         tokens of its own segment. Rotary embeddings see only relative positions, so a packed
-        sequence gets the logits it would get alone at position 0."""
+        sequence gets the logits it would get alone at position 0.
+        targets (B, T): instead of the logits, their mean cross-entropy (float32) over the targets
+        that are not -1. In here, so that torch.compile fuses the log-softmax over the vocab into
+        the classifier's output instead of writing the float32 logits out and reading them back."""
         seq = tokens.shape[1]
         if start_pos + seq > self.args.max_seq_len:
             raise ValueError(f"positions up to {start_pos + seq} exceed max_seq_len {self.args.max_seq_len}")
@@ -193,7 +196,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, cos, sin, start_pos, cache, mask)
-        return self.output(self.norm(x))
+        logits = self.output(self.norm(x))
+        if targets is None:
+            return logits
+        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
 
     def extended(self, new_tokens: int = 0, max_seq_len: int | None = None) -> Transformer:
         """A copy with new_tokens more token ids at the end and another context length, every

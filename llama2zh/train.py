@@ -30,7 +30,6 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from llama2zh.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
@@ -159,7 +158,7 @@ def compiled(model: Transformer, x: torch.Tensor, dtype: str):
     try:
         fast = torch.compile(model)
         with autocast_context(dtype, x.device):
-            fast(x).float().mean().backward()
+            fast(x, targets=x).backward()  # the graph training runs: the loss inside (Transformer.forward)
         return fast
     except Exception as e:
         while (inner := getattr(e, "inner_exception", None) or e.__cause__) is not None:
@@ -337,8 +336,7 @@ class Trainer:
     def loss(self, x, y, segments=None, model=None) -> torch.Tensor:
         """Mean cross-entropy over the targets that are trained on (not -1)."""
         with autocast_context(self.dtype, self.device):
-            logits = (model or self.forward_model)(x, segments=segments)
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-1)
+            return (model or self.forward_model)(x, segments=segments, targets=y)
 
     @torch.no_grad()
     def estimate_val_loss(self) -> dict[str, float]:

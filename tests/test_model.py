@@ -117,3 +117,13 @@ def test_penalties_break_a_greedy_loop():
     for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
         penalized = model.generate([1, 7], 40, **penalty)
         assert penalized[0] == 7 and len(set(penalized)) == 40  # nothing generated yet, then never again
+
+
+def test_targets_give_the_mean_cross_entropy_of_the_logits():
+    model = random_model()
+    tokens = torch.randint(model.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    targets = tokens.roll(-1, dims=1)
+    targets[0, :5] = -1  # not trained on
+    logits = model(tokens)
+    expected = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+    assert torch.equal(model(tokens, targets=targets), expected)
