@@ -15,7 +15,7 @@ from pathlib import Path
 from llama2zh.config import ConfigError, load_config
 from llama2zh.errors import UserError
 
-EXPORT_VERSIONS = (0, 1, 2)
+EXPORT_VERSIONS = (0, 1, 2, 3)
 ROUNDINGS = ("mse", "llama2c")  # llama2zh.export's, named here so that --help needs no torch
 TRANSLATE_BACKENDS = ("google", "mymemory")  # corpus.client.BACKENDS; named here to spare deep-translator's import
 
@@ -50,12 +50,20 @@ def cmd_export(args, overrides: list[str]) -> int:
     if args.format != "bin":
         return export_elsewhere(args)
     from llama2zh.checkpoint import load_checkpoint
-    from llama2zh.export import default_group_size, divides_inner_dims, read_model_bin, write_model_bin
+    from llama2zh.export import (
+        V3_EMBEDDING_BITS,
+        default_group_size,
+        divides_inner_dims,
+        read_model_bin,
+        v3_group_size,
+        write_model_bin,
+    )
 
     args.version = 1 if args.version is None else args.version
-    for flag, value in (("--group-size", args.group_size), ("--rounding", args.rounding)):
-        if value is not None and args.version != 2:
-            raise ConfigError(f"{flag} applies to --version 2 only")
+    for flag, value, versions in (("--group-size", args.group_size, (2, 3)), ("--rounding", args.rounding, (2,)),
+                                  ("--embedding-bits", args.embedding_bits, (3,))):
+        if value is not None and args.version not in versions:
+            raise ConfigError(f"{flag} applies to --version {' and '.join(map(str, versions))} only")
     for flag, value in (("--dtype", args.dtype), ("--type", args.type)):
         if value is not None:
             raise ConfigError(f"{flag} applies to --format {'hf' if flag == '--dtype' else 'gguf'} only")
@@ -70,10 +78,14 @@ def cmd_export(args, overrides: list[str]) -> int:
         model = read_model_bin(source)
         out = args.out
     group_size = args.group_size
-    if args.version == 2 and group_size is None:
-        group_size = default_group_size(model.args)
-    write_model_bin(model, out, version=args.version, group_size=group_size, rounding=args.rounding or "mse")
-    detail = f", group size {group_size}" if args.version == 2 else ""
+    if group_size is None and args.version in (2, 3):
+        group_size = (default_group_size if args.version == 2 else v3_group_size)(model.args)
+    embedding_bits = args.embedding_bits or V3_EMBEDDING_BITS
+    write_model_bin(model, out, version=args.version, group_size=group_size, rounding=args.rounding or "mse",
+                    embedding_bits=embedding_bits)
+    detail = f", group size {group_size}" if args.version in (2, 3) else ""
+    if args.version == 3:
+        detail += f", embedding {'int8' if embedding_bits == 8 else 'int4'}"
     print(f"wrote {out} (version {args.version}{detail}, {out.stat().st_size:,} bytes)")
     if args.version == 2 and not divides_inner_dims(model.args, group_size):
         print(f"warning: group size {group_size} does not divide both dim {model.args.dim} and hidden_dim "
@@ -84,7 +96,8 @@ def cmd_export(args, overrides: list[str]) -> int:
 
 def export_elsewhere(args) -> int:
     """--format hf (a transformers directory) or gguf (llama.cpp, with an Ollama Modelfile)."""
-    for flag, value in (("--version", args.version), ("--group-size", args.group_size), ("--rounding", args.rounding)):
+    for flag, value in (("--version", args.version), ("--group-size", args.group_size), ("--rounding", args.rounding),
+                        ("--embedding-bits", args.embedding_bits)):
         if value is not None:
             raise ConfigError(f"{flag} applies to --format bin only")
     wrong = ("--type", args.type) if args.format == "hf" else ("--dtype", args.dtype)
@@ -441,13 +454,17 @@ def build_parser() -> Parser:
     p.add_argument("--format", choices=("bin", "hf", "gguf"), default="bin",
                    help="bin: model.bin for ./run (default); hf: a LlamaForCausalLM directory (default "
                    "out/RUN/hf); gguf: a GGUF file and an Ollama Modelfile beside it (default out/RUN/gguf/)")
-    p.add_argument("--version", type=int, choices=EXPORT_VERSIONS, help="bin: 0, 1 (default) or 2 (int8)")
+    p.add_argument("--version", type=int, choices=EXPORT_VERSIONS, help="bin: 0, 1 (default), 2 (int8) or 3 (int4)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="hf: weight type (default float32)")
     p.add_argument("--type", choices=("f32", "f16", "q8_0", "q4_0"), help="gguf: tensor type (default f32)")
     p.add_argument("--group-size", type=int, metavar="N",
                    help="v2: values per int8 group (default 64, halved until it divides dim and hidden_dim); "
                    "each group's scale is the one of max|w|/127 (llama2.c's) and up to 1%% smaller that "
-                   "rounds it with the least squared error")
+                   "rounds it with the least squared error; v3: values per 4-bit group (default 16, halved "
+                   "until it divides dim and hidden_dim)")
+    p.add_argument("--embedding-bits", type=int, choices=(4, 8),
+                   help="v3: 8 (default) keeps the embedding and the classifier int8, 4 makes them int4 too "
+                   "(smaller and faster, less close to float32)")
     p.add_argument("--rounding", choices=ROUNDINGS,
                    help="v2: how each group's scale is picked: mse (the default, as above) or llama2c "
                    "(max|w|/127 alone: the bytes llama2.c's export.py writes)")

@@ -68,6 +68,7 @@ _BLOCK_GROUPS = 4096
 # by k * CLIP_STEP of it, k = 0..CLIP_STEPS, and keeps the least squared error.
 V3_GROUP_SIZE, V3_EMBEDDING_BITS = 16, 8
 CLIP_STEP, CLIP_STEPS = 0.02, 4
+LEAST_SQUARES_STEPS = 2  # then refits of each group's scale and minimum to its values (see _refine_q4)
 
 
 @dataclass
@@ -222,8 +223,9 @@ def quantize_q4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     """v3's 4-bit values (uint8, one per weight, 0..15) and float16 scales and minimums per group
     of group_size consecutive values, w ~= value * scale + min. Per group, the range [lo, hi] is
     clipped at either end by k * CLIP_STEP of it (k = 0..CLIP_STEPS), and the clipping with the
-    least squared error wins (ties: the least clipping). Whatever the clipping, the group's
-    smallest weight is stored as 0 and its largest as 15, which makes write -> read -> write exact:
+    least squared error wins (ties: the least clipping); then least-squares refits of scale and
+    minimum, kept where they lower the error. Whatever the fit, the group's smallest weight is
+    stored as 0 and its largest as 15, which makes write -> read -> write exact:
     the dequantized group's minimum is min and its range 15 * scale, so the unclipped candidate
     gives back scale and min with no error (q * scale is exact in float32: 4 bits times 11)."""
     w = w.detach().to("cpu", torch.float32).reshape(-1, group_size)
@@ -249,8 +251,26 @@ def _search_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
             better = error < best[3]
             best = [torch.where(better[:, None], values, best[0]), torch.where(better, scale, best[1]),
                     torch.where(better, low, best[2]), torch.where(better, error, best[3])]
+    for _ in range(LEAST_SQUARES_STEPS):
+        best = _refine_q4(w, *best)
     values, scale, low, _ = best
     return values.to(torch.uint8), scale.half(), low.half()
+
+
+def _refine_q4(w: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
+               error: torch.Tensor) -> list[torch.Tensor]:
+    """The least-squares scale and minimum for these values, where rounding with them lowers the
+    error and still stores the group's extremes as 0 and 15 (what write -> read -> write needs)."""
+    n = w.shape[1]
+    sq, sqq, sw, sqw = values.sum(1), values.square().sum(1), w.sum(1), (values * w).sum(1)
+    det = n * sqq - sq * sq
+    fit = torch.where(det > 0, (n * sqw - sq * sw) / torch.where(det > 0, det, 1.0), 0.0)
+    new_scale = fit.half().float()
+    new_low = ((sw - fit * sq) / n).half().float()
+    new_values, new_error = _round_q4(w, new_scale, new_low)
+    better = (new_error < error) & (new_scale > 0) & (new_values.amin(1) == 0) & (new_values.amax(1) == 15)
+    return [torch.where(better[:, None], new_values, values), torch.where(better, new_scale, scale),
+            torch.where(better, new_low, low), torch.where(better, new_error, error)]
 
 
 def _round_q4(w: torch.Tensor, scale: torch.Tensor, low: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

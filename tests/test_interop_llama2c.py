@@ -230,7 +230,7 @@ def damaged(tmp_path, edit) -> Path:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda b: b[:4] + struct.pack("<i", 3) + b[8:], "unsupported model.bin version 3"),
+    (lambda b: b[:4] + struct.pack("<i", 4) + b[8:], "unsupported model.bin version 4"),
     (lambda b: b[:4] + struct.pack("<i", 9) + b[8:], "unsupported model.bin version 9"),
     (lambda b: b[:-100], "the header implies"),
     (lambda b: b[:20], "truncated header"),

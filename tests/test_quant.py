@@ -228,7 +228,7 @@ def first_scale_offset(args: ModelArgs) -> int:
     (lambda p, a: patched(p, first_scale_offset(a), struct.pack("<f", float("nan"))), "scale is nan"),
     (lambda p, a: patched(p, first_scale_offset(a) + 8, struct.pack("<f", -1.0)), "scale is -1"),
     (lambda p, a: patched(p, first_scale_offset(a), struct.pack("<f", float("inf"))), "scale is inf"),
-    (lambda p, a: patched(p, 4, struct.pack("<i", 3)), "unsupported model.bin version 3"),
+    (lambda p, a: patched(p, 4, struct.pack("<i", 4)), "unsupported model.bin version 4"),
 ])
 def test_c_loader_rejects_damaged_v2_files(tmp_path, edit, message):
     model, path = v2_file(tmp_path)

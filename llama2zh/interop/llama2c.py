@@ -34,14 +34,15 @@ def import_llama2c(model_bin: Path, tokenizer_dir: Path, out_dir: Path, force: b
 
 
 def _import(model_bin: Path, tokenizer_dir: Path, tokenizer_model: Path, out_dir: Path, force: bool) -> Path:
-    # refuses truncated files and versions other than llama2.c's 0, 1 and 2, saying what it found
+    # refuses truncated files and versions other than llama2.c's 0, 1 and 2 and our 3, saying what it found
     header = read_header(model_bin)
     model = read_model_bin(model_bin)
     form = f"llama2.c model.bin v{header.version}"
-    if header.version == 2:
-        form += f", int8 in groups of {header.group_size} dequantized to float32"
-        print(f"{model_bin}: int8 weights (group size {header.group_size}) dequantized to float32; "
-              f"`llama2zh export {out_dir} --version 2` quantizes them again")
+    if header.version >= 2:
+        bits = "int8" if header.version == 2 else "int4"
+        form += f", {bits} in groups of {header.group_size} dequantized to float32"
+        print(f"{model_bin}: {bits} weights (group size {header.group_size}) dequantized to float32; "
+              f"`llama2zh export {out_dir} --version {header.version}` quantizes them again")
     # write_run_dir refuses a tokenizer whose piece count is not the model's vocab_size
     config = rundir.config_for(model, out_dir=str(out_dir), tokenizer=str(tokenizer_dir))
     return rundir.write_run_dir(out_dir, model, tokenizer_model, config,
