@@ -116,22 +116,62 @@ AVX2 static float dot_f32_avx2(const float *w, const float *x, int n) {
     return val;
 }
 
-/* Prefill: nr (<= ROWS) rows starting at w times one token x; out[r] gets row r's product. */
-AVX2 static inline void rows_f32_avx2(float *out, const float *x, const float *w, int n, int nr) {
-    __m256 acc[ROWS];
-    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
-    int j = 0;
-    for (; j + 8 <= n; j += 8) {
-        __m256 xv = _mm256_loadu_ps(x + j);
-        for (int r = 0; r < nr; r++)
-            acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + (size_t)r * n + j), xv, acc[r]);
+/* Prefill multiplies tiles of F2_TOKENS tokens by F_ROWS rows (see the avx512 kernel, whose
+ * loop this one follows): 12 sums in registers, as many as 16 registers leave room for. */
+#define F2_TOKENS 3
+#define F_ROWS 4  /* = the 4 floats of a 128-bit lane, where the sums are gathered */
+#define F_SPAN 512 /* rows longer than this are taken in pieces, for L1 to hold a tile */
+
+/* Values j0..j1-1 of the rows w[0..F_ROWS) times those of the tokens x[0..nt) (rows n apart):
+ * token u's sums go to out[u * d ..], its first nr rows, added to what is there unless j0 is 0.
+ * Meanwhile values j0..j1-1 of the row `ahead` are fetched into the cache. Always inlined, so
+ * that each constant nt gets a loop with acc[][] in registers. */
+AVX2 __attribute__((always_inline)) static inline void
+tile_f32_avx2(float *out, size_t d, const float *x, int nt, const float *const w[F_ROWS], int n,
+              int j0, int j1, int nr, const float *ahead) {
+    __m256 acc[F2_TOKENS][F_ROWS];
+    for (int u = 0; u < nt; u++)
+        for (int r = 0; r < F_ROWS; r++) acc[u][r] = _mm256_setzero_ps();
+    int j = j0;
+    for (; j + 8 <= j1; j += 8) {
+        _mm_prefetch((const char *)(ahead + j), _MM_HINT_T0);
+        /* Each vector loaded into a register, which the empty asm insists on: gcc's AMD
+         * tunings would otherwise read it again from memory in each FMA that uses it (16
+         * loads per 12 FMAs, which measured 1.6x slower). */
+        __m256 xv[F2_TOKENS];
+        for (int u = 0; u < nt; u++) {
+            xv[u] = _mm256_loadu_ps(x + (size_t)u * n + j);
+            __asm__("" : "+v"(xv[u]));
+        }
+        for (int r = 0; r < F_ROWS; r++) {
+            __m256 wv = _mm256_loadu_ps(w[r] + j);
+            __asm__("" : "+v"(wv));
+            for (int u = 0; u < nt; u++) acc[u][r] = _mm256_fmadd_ps(wv, xv[u], acc[u][r]);
+        }
     }
-    for (int r = 0; r < nr; r++) {
-        float val = hsum8(acc[r]);
-        for (int k = j; k < n; k++) val += w[(size_t)r * n + k] * x[k];
-        out[r] = val;
+    for (int u = 0; u < nt; u++) {
+        /* hadd twice: per 128-bit lane, the 4 rows' sums of that lane's values */
+        __m256 s4 = _mm256_hadd_ps(_mm256_hadd_ps(acc[u][0], acc[u][1]), _mm256_hadd_ps(acc[u][2], acc[u][3]));
+        __m128 s = _mm_add_ps(_mm256_castps256_ps128(s4), _mm256_extractf128_ps(s4, 1));
+        float *o = out + u * d, sum[F_ROWS];
+        _mm_storeu_ps(sum, s);
+        for (int r = 0; r < nr; r++) {
+            for (int k = j; k < j1; k++) sum[r] += w[r][k] * x[(size_t)u * n + k]; /* the rest */
+            o[r] = j0 ? o[r] + sum[r] : sum[r];
+        }
     }
 }
+
+/* tile_f32_avx2 with nt (1..F2_TOKENS - 1: a batch's last tokens) as a constant. */
+AVX2 static void tile_f32_avx2_nt(float *out, size_t d, const float *x, int nt,
+                                  const float *const w[F_ROWS], int n, int j0, int j1, int nr,
+                                  const float *ahead) {
+    if (nt == 2)
+        tile_f32_avx2(out, d, x, 2, w, n, j0, j1, nr, ahead);
+    else
+        tile_f32_avx2(out, d, x, 1, w, n, j0, j1, nr, ahead);
+}
+_Static_assert(F2_TOKENS == 3, "tile_f32_avx2_nt has a case for each smaller token count");
 
 AVX2 static void matmul_f32_avx2(float *out, const float *x, const float *w, int T, int n, int d,
                                  int r0, int r1) {
@@ -139,14 +179,22 @@ AVX2 static void matmul_f32_avx2(float *out, const float *x, const float *w, int
         for (int i = r0; i < r1; i++) out[i] = dot_f32_avx2(w + (size_t)i * n, x, n);
         return;
     }
-    for (int i = r0; i < r1; i += ROWS) {
-        int nr = r1 - i < ROWS ? r1 - i : ROWS;
-        for (int t = 0; t < T; t++) {
-            float *o = out + (size_t)t * d + i;
-            if (nr == ROWS) /* a constant count lets the compiler keep acc[] in registers */
-                rows_f32_avx2(o, x + (size_t)t * n, w + (size_t)i * n, n, ROWS);
-            else
-                rows_f32_avx2(o, x + (size_t)t * n, w + (size_t)i * n, n, nr);
+    int pieces = (n + F_SPAN - 1) / F_SPAN, span = ((n + pieces - 1) / pieces + 7) / 8 * 8;
+    for (int j0 = 0; j0 < n; j0 += span) {
+        int j1 = j0 + span < n ? j0 + span : n;
+        for (int i = r0; i < r1; i += F_ROWS) { /* rows outer: they stay in L1 */
+            const float *rows[F_ROWS]; /* past r1, the last row again (computed, not stored) */
+            for (int r = 0; r < F_ROWS; r++) rows[r] = w + (size_t)(i + r < r1 ? i + r : r1 - 1) * n;
+            int nr = r1 - i < F_ROWS ? r1 - i : F_ROWS;
+            for (int t = 0, k = 0; t < T; t += F2_TOKENS, k++) {
+                /* tile k < F_ROWS also fetches row k of the next rows */
+                const float *ahead = k < F_ROWS && i + F_ROWS + k < r1 ? rows[k] + (size_t)F_ROWS * n : rows[0];
+                float *o = out + (size_t)t * d + i;
+                if (T - t >= F2_TOKENS)
+                    tile_f32_avx2(o, d, x + (size_t)t * n, F2_TOKENS, rows, n, j0, j1, nr, ahead);
+                else
+                    tile_f32_avx2_nt(o, d, x + (size_t)t * n, T - t, rows, n, j0, j1, nr, ahead);
+            }
         }
     }
 }
@@ -231,8 +279,6 @@ AVX512 static float dot_f32_avx512(const float *w, const float *x, int n) {
  * so that a tile's rows and tokens fit in L1 together. (6 x 4 measured 10% faster than
  * 4 x 4, and 7 x 4 slower: out of registers.) */
 #define F_TOKENS 6
-#define F_ROWS 4 /* = the 4 floats of a 128-bit lane, where sum4_lanes puts each row's sum */
-#define F_SPAN 512
 
 /* Per 128-bit lane, [a b c d]: the sums of that lane's values of a, b, c and d. */
 AVX512 static inline __m512 sum4_lanes(__m512 a, __m512 b, __m512 c, __m512 d) {
