@@ -125,8 +125,12 @@ def write_gguf(model, sp, proto, out_file: Path, qtype: str, name: str, chat_ids
             writer.add_eot_token_id(chat_ids[1])  # llama.cpp ends a reply at <|im_end|>
 
         state = model.state_dict()
+        # q4_0 keeps the classifier (the embedding, when tied) in q8_0, as llama-quantize keeps it above 4 bits:
+        # the demo model's top-1 agreement with f32 is 91.7% with it in q4_0, 95.8% so (llama-quantize's too)
+        classifier = "token_embd.weight" if args.shared_classifier else "output.weight"
         for key, tensor_name in tensor_names(state, args.shared_classifier).items():
-            data, kind = _encoded(state[key].float().numpy(), qtype)
+            tensor_qtype = "q8_0" if qtype == "q4_0" and tensor_name == classifier else qtype
+            data, kind = _encoded(state[key].float().numpy(), tensor_qtype)
             writer.add_tensor(tensor_name, data, raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
