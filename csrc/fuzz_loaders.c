@@ -1,7 +1,8 @@
 /* fuzz_loaders.c - a libFuzzer harness for the two file loaders, model.bin and tokenizer.bin.
  *
- * The first byte of an input picks the loader (even: model, odd: tokenizer); the rest is
- * the file. A file that loads is then used a little (a forward pass; an encode and a
+ * The first byte of an input picks the loader (even: model, odd: tokenizer) and, for a
+ * model, the kernels (bit 1 set: the portable ones, else the best this CPU runs, whose
+ * 4-bit and int8 matrices are repacked at load); the rest is the file. A file that loads is then used a little (a forward pass; an encode and a
  * decode of every piece), so that a loader which accepts what it should not shows up under
  * AddressSanitizer and UBSan as a bad access. Built and run by `make fuzz`.
  */
@@ -63,6 +64,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     char path[64], err[L2_ERR_SIZE];
     int fd = memory_file(data + 1, size - 1, path, sizeof(path));
     if (data[0] % 2 == 0) {
+        setenv("LLAMA2ZH_KERNEL", data[0] & 2 ? "portable" : "", 1);
         L2Model *m = l2_model_open(path, err);
         if (m) {
             use_model(m, err);

@@ -18,7 +18,7 @@ from llama2zh.export import write_model_bin
 from llama2zh.model import ModelArgs, Transformer
 from llama2zh.vocab.export import tokenizer_data, write_tokenizer_bin
 
-MODELS = {  # tiny shapes; "odd" has a group size of 2 and unaligned int8 scales
+MODELS = {  # tiny shapes; "odd" has a group size of 2 and unaligned int8 scales (v2 and v3)
     "gqa": dict(dim=8, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=16, vocab_size=24, max_seq_len=8),
     "untied": dict(dim=8, n_layers=1, n_heads=2, n_kv_heads=2, hidden_dim=16, vocab_size=13, max_seq_len=6,
                    shared_classifier=False),
@@ -35,6 +35,12 @@ def model_seeds(out: Path, scratch: Path) -> None:
         for version in (0, 1, 2):
             path = write_model_bin(model, scratch / f"{name}_v{version}.bin", version)
             (out / f"model_{name}_v{version}").write_bytes(b"\0" + path.read_bytes())
+        # v3 in 4-bit groups of 8 (the SIMD layout) or 2 ("odd": the portable loops), the embedding 4- or
+        # 8-bit; the harness runs byte 2 (bit 1 of the first byte) on the portable kernels
+        for bits in (4, 8):
+            path = write_model_bin(model, scratch / f"{name}_v3_{bits}.bin", 3, embedding_bits=bits)
+            for first in (0, 2):
+                (out / f"model_{name}_v3_e{bits}_{first}").write_bytes(bytes([first]) + path.read_bytes())
 
 
 def tokenizer_seeds(out: Path, scratch: Path) -> None:

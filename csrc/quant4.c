@@ -12,6 +12,7 @@
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define L2_X86 1
+#include <cpuid.h>
 #include <immintrin.h>
 #endif
 
@@ -251,13 +252,18 @@ AVX512_4 static void matmul_q4_avx512(float *out, const Q8Act *x, const Q4Mat *w
 
 static const Q4Kernels AVX512_4_KERNELS = {"avx512", matmul_q4_avx512, packed_size_q4, pack_q4};
 
+/* Every CPU with AVX2 has F16C too; the test is for the odd emulator that lacks it. (clang's
+ * __builtin_cpu_supports does not know "f16c".) */
+static int has_f16c(void) {
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & bit_F16C);
+}
+
 #endif /* L2_X86 */
 
 const Q4Kernels *kernels4_select(const char *name) {
 #ifdef L2_X86
-    __builtin_cpu_init();
-    /* every CPU with AVX2 has F16C too; the test is for the odd emulator that lacks it */
-    if (!strcmp(name, "avx2") && __builtin_cpu_supports("f16c")) return &AVX2_4_KERNELS;
+    if (!strcmp(name, "avx2") && has_f16c()) return &AVX2_4_KERNELS;
     if (!strcmp(name, "avx512")) return &AVX512_4_KERNELS;
 #endif
     return &PORTABLE4;
