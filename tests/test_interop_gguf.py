@@ -1,6 +1,6 @@
 """GGUF export: the file reads back as written, and llama.cpp itself (pinned, built by
 llama2zh/interop/llamacpp.py) runs it as the C engine runs model.bin: same tokenization, same greedy ids,
-the chat template rendered by llama.cpp into chat.py's ids, q8_0 close to f32.
+the chat template rendered by llama.cpp into chat.py's ids, q8_0 and q4_0 close to f32.
 
 Models: a random one (classifier scaled so the greedy choice never hangs on a float rounding)
 with a tokenizer trained here, and the demo runs out/sample and out/sample-sft when `make demo`
