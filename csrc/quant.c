@@ -291,7 +291,7 @@ AVX512 static inline __m512 sum4_lanes(__m512 a, __m512 b, __m512 c, __m512 d) {
 
 /* Lane u of the result: the sum of v[u]'s four lanes (pairs of lanes added, twice). */
 AVX512 static inline __m512 sum_lanes(const __m512 v[4]) {
-    const int even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1);
+    enum { even = _MM_SHUFFLE(2, 0, 2, 0), odd = _MM_SHUFFLE(3, 1, 3, 1) }; /* immediates, even at -O0 */
     __m512 x = _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], even), _mm512_shuffle_f32x4(v[0], v[1], odd));
     __m512 y = _mm512_add_ps(_mm512_shuffle_f32x4(v[2], v[3], even), _mm512_shuffle_f32x4(v[2], v[3], odd));
     return _mm512_add_ps(_mm512_shuffle_f32x4(x, y, even), _mm512_shuffle_f32x4(x, y, odd));
@@ -322,9 +322,12 @@ tile_f32_avx512(float *out, size_t d, const float *x, int nt, const float *const
     __m512 lanes[8]; /* token u's F_ROWS sums, per lane; then 4 tokens' sums per vector */
     for (int u = 0; u < 8; u++) lanes[u] = _mm512_setzero_ps();
     for (int u = 0; u < nt; u++) lanes[u] = sum4_lanes(acc[u][0], acc[u][1], acc[u][2], acc[u][3]);
-    __m512 sums[2] = {sum_lanes(lanes), sum_lanes(lanes + 4)};
+    float sums[8 * F_ROWS]; /* token u's at sums + u * F_ROWS (through memory: extracting lane
+                             * u % 4 of a register needs u constant, which -O1 leaves it not) */
+    _mm512_storeu_ps(sums, sum_lanes(lanes));
+    _mm512_storeu_ps(sums + 16, sum_lanes(lanes + 4));
     for (int u = 0; u < nt; u++) {
-        __m128 s = _mm512_extractf32x4_ps(sums[u / 4], u % 4);
+        __m128 s = _mm_loadu_ps(sums + u * F_ROWS);
         if (j0) s = _mm_add_ps(s, _mm_maskz_loadu_ps(keep, out + u * d));
         _mm_mask_storeu_ps(out + u * d, keep, s);
     }
