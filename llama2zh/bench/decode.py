@@ -1,8 +1,10 @@
-"""`make bench`, decode part: the C engine's decode and prefill speed, fp32 and int8, against
+"""`make bench`, decode part: the C engine's decode and prefill speed, fp32, int8 and int4, against
 PyTorch and llama.cpp, measured in the same run.
 
 Random models of llama2.c's 15M, 42M and 110M shapes with the 32000- and 55296-piece vocabs,
-written as model.bin v1 (float32) and v2 (int8, Q8_0 groups). For each, at 1 and 2 threads:
+written as model.bin v1 (float32), v2 (int8, Q8_0 groups) and v3 (int4: the default, groups of 16
+with the embedding int8, and the smallest, groups of 32 with the embedding int4 too). For each, at
+1 and 2 threads:
 
   decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of C_ROUNDS runs,
            after one untimed run, and taking turns with the other weights, so that a
@@ -59,10 +61,18 @@ PROMPT = 128
 C_ROUNDS = 3  # decode rounds of the C engine, every shape: a single 110M run was at the noise's mercy
 PREFILL_RUNS, PREFILL_SECONDS = 20, 2.0
 THREADS = (1, 2)
-C_VARIANTS = (  # row label, model.bin version, kernel (None: the best this CPU runs)
-    ("fp32 plain", 1, "portable"),
-    ("fp32", 1, None),
-    ("int8 v2", 2, None),
+MODEL_BINS = {  # the model.bin files of each model: write_model_bin's arguments
+    "v1": dict(version=1),
+    "v2": dict(version=2),
+    "v3": dict(version=3),  # the default: groups of 16, the embedding int8
+    "v3 g32": dict(version=3, group_size=32, embedding_bits=4),  # the smallest: groups of 32, all int4
+}
+C_VARIANTS = (  # row label, model.bin, kernel (None: the best this CPU runs)
+    ("fp32 plain", "v1", "portable"),
+    ("fp32", "v1", None),
+    ("int8 v2", "v2", None),
+    ("int4 v3", "v3", None),
+    ("int4 v3 g32 int4-embedding", "v3 g32", None),
 )
 GGUF_TYPES = ("f32", "q8_0", "q4_0")  # written by our exporter, run by llama-bench
 
@@ -179,9 +189,9 @@ def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: 
     shape, repeats = SHAPES[name]
     repeats, rounds = (max(1, round(n * repeats_scale)) for n in (repeats, C_ROUNDS))
     model = random_model(shape, vocab)
-    files = {version: write_model_bin(model, work / f"{name}_{vocab}_v{version}.bin", version)
-             for version in sorted({version for _, version, _ in C_VARIANTS})}
-    variants = [(label, files[version], kernel) for label, version, kernel in C_VARIANTS]
+    files = {key: write_model_bin(model, work / f"{name}_{vocab}_{key.replace(' ', '_')}.bin", **MODEL_BINS[key])
+             for key in dict.fromkeys(key for _, key, _ in C_VARIANTS)}
+    variants = [(label, files[key], kernel) for label, key, kernel in C_VARIANTS]
     tokenizer = id_tokenizer(vocab, work / f"ids{vocab}.bin")
     ggufs = [(f"llama.cpp {qtype.upper()}", id_gguf(model, work / f"{name}_{vocab}_{qtype}.gguf", qtype))
              for qtype in (GGUF_TYPES if llamacpp_bin else ())]
@@ -199,7 +209,7 @@ def bench_model(name: str, vocab: int, work: Path, threads_list, repeats_scale: 
             decode, prefill = (max(rates) for rates in zip(*runs, strict=True))
             rows.append(Row(name, vocab, label, path.stat().st_size / 1e6, threads, decode, prefill))
         decode, prefill = torch_rates(model, threads, repeats)
-        rows.append(Row(name, vocab, "PyTorch fp32", files[1].stat().st_size / 1e6, threads, decode, prefill))
+        rows.append(Row(name, vocab, "PyTorch fp32", files["v1"].stat().st_size / 1e6, threads, decode, prefill))
         print(f"  {name} vocab {vocab}, {threads} thread(s): done", flush=True)
     return rows
 
