@@ -290,6 +290,23 @@ def test_wide_heads_match_pytorch_token_by_token_and_batched(monkeypatch, tmp_pa
     assert relative_max_diff(kernel_model(monkeypatch, path, kernel).prefill(tokens), expected) < 1e-4
 
 
+# rows of 528 and 1040 values: the fp32 prefill kernels walk rows in pieces of 512, these end ragged
+LONG_ROWS = dict(dim=528, n_layers=1, n_heads=8, n_kv_heads=4, hidden_dim=1040, max_seq_len=64, vocab_size=97)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_long_ragged_rows_match_pytorch_in_prefill(monkeypatch, tmp_path, kernel, threads):
+    model = random_model(seed=22, **LONG_ROWS)
+    path = write_model_bin(model, tmp_path / "m.bin", 1)
+    tokens = list(np.random.default_rng(3).integers(0, LONG_ROWS["vocab_size"], 37))  # no multiple of a tile
+    with torch.no_grad():
+        expected = model(torch.tensor([tokens]))[0].numpy()
+    cmodel = kernel_model(monkeypatch, path, kernel)
+    cmodel.set_threads(threads)
+    assert relative_max_diff(cmodel.prefill(tokens), expected) < 1e-4
+
+
 def test_prefill_checks_its_range(tmp_path):
     _, path = v2_file(tmp_path)
     model = CModel(path)
