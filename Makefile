@@ -108,7 +108,7 @@ clean:
 # for its C++ extensions' exceptions); its own leaks are not the engine's (make fuzz checks those).
 ASAN_FLAGS := -g -O1 -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=undefined
 ASAN_TESTS := tests/test_run.py tests/test_parity.py tests/test_tokenizer.py tests/test_quant.py tests/test_chat_engine.py \
-              tests/test_interop_llama2c.py tests/test_batch.py
+              tests/test_interop_llama2c.py tests/test_batch.py tests/test_quant4.py
 
 build/asan/libllama2zh.so: $(ENGINE_DEPS)
 	@mkdir -p build/asan
