@@ -16,7 +16,17 @@ from llama2zh.export import default_group_size, read_model_bin, write_model_bin
 from llama2zh.model import ModelArgs
 from tests.conftest import random_model
 from tests.test_batch import Seq, assert_same, batched, prompt
-from tests.test_quant import GQA, KERNELS, TOKENS, UNTIED, kernel_model, patched, relative_max_diff, token_by_token
+from tests.test_quant import (
+    GQA,
+    KERNELS,
+    TOKENS,
+    UNTIED,
+    kernel_model,
+    logits_by_thread_count,
+    patched,
+    relative_max_diff,
+    token_by_token,
+)
 from tests.test_run import assert_fails, write_id_tokenizer
 
 # group size 2 and an unshared classifier: the SIMD sets run it with the portable loops (their layout
@@ -157,10 +167,6 @@ def test_batched_decode_equals_each_sequence_alone(monkeypatch, tmp_path, kernel
 def test_thread_count_does_not_change_logits(tmp_path, bits, n_tokens):
     _, path = v3_file(tmp_path, seed=45, group_size=16, embedding_bits=bits)
     tokens = list(np.random.default_rng(1).integers(0, GQA["vocab_size"], n_tokens))
-    results = []
-    for threads in (1, 2, 3):
-        model = CModel(path)
-        assert model.set_threads(threads) == threads
-        results.append(model.prefill(tokens))
+    results = logits_by_thread_count(path, tokens)
     for got in results[1:]:
         assert relative_max_diff(got, results[0]) < TOLERANCE
