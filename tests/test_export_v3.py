@@ -24,10 +24,10 @@ from llama2zh.export import (
     v3_group_size,
     write_model_bin,
 )
-from llama2zh.verify import PASSAGE, log_softmax
+from llama2zh.verify import PASSAGE, log_softmax, subject_from_bin, verify
 from llama2zh.vocab.export import load_sentencepiece
 from tests.conftest import ROOT, random_model, shared_file
-from tests.test_quant import GQA, UNTIED
+from tests.test_quant import GQA, UNTIED, VERIFY_SHAPE
 
 # dim 6, hidden 10: the 4-bit groups are 2 values, the int8 embedding's too
 SMALL = dict(dim=6, n_layers=1, n_heads=1, n_kv_heads=1, hidden_dim=10, vocab_size=7, max_seq_len=4)
@@ -167,3 +167,16 @@ def test_v3_quality_on_the_demo_model(tmp_path):
           f"top-1 {all_top1:.1%}, KL {all_kl:.4f}")
     assert passage_kl <= 0.02 and all_kl <= 0.02
     assert passage_top1 >= 0.93 and all_top1 >= 0.93
+
+
+def test_verify_checks_a_v3_file_on_its_dequantized_weights(tmp_path, tokenizer_dirs, capsys):
+    """A bare v3 .bin: the reference is its own dequantized weights, so quality measures the engine's
+    activation rounding and kernels alone, which must pass; the report names the format."""
+    model = random_model(seed=25, **VERIFY_SHAPE)
+    path = write_model_bin(model, tmp_path / "m.bin", 3, group_size=32)
+    checks = verify(subject_from_bin(path, tokenizer_dirs["llama2enzh"]))
+    assert [c.name for c in checks] == ["quality", "tokens", "greedy", "text"]
+    for check in checks:
+        assert check.passed, check.line()
+    assert main(["verify", str(path), "--tokenizer", str(tokenizer_dirs["llama2enzh"])]) == 0
+    assert "model.bin v3, int4 (group size 32; embedding int8, group size" in capsys.readouterr().out
