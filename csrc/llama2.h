@@ -30,7 +30,10 @@ typedef struct {
     int group_size;        /* version 2: values per int8 group with one fp32 scale; version 3:
                               per 4-bit group with an fp16 scale and min; else 0 */
     int embedding_bits;    /* version 3: 4 or 8, the embedding's (and unshared classifier's); else 0 */
-    int embedding_group_size; /* version 3 with embedding_bits 8: their int8 group size; else 0 */
+    int int8_group_size;   /* version 3: the group size of its int8 matrices (an int8 embedding,
+                              int8 layers); 0 when it has none */
+    unsigned char int8_layers[128]; /* version 3: bit l % 8 of byte l / 8 set when layer l's seven
+                                       matrices are int8 (Q8_0, int8_group_size); else 0 */
 } L2Config;
 
 typedef struct L2Model L2Model;

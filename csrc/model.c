@@ -38,7 +38,8 @@ static int omp_get_max_threads(void) { return 1; }
 #define V0_HEADER_BYTES 28     /* 7 int32 */
 #define V1_HEADER_BYTES 256    /* also version 2's */
 #define V2_GROUP_OFFSET 37     /* int32 group size, right after the shared_classifier byte */
-#define V3_EMBEDDING_OFFSET 41 /* version 3: uint8 embedding bits, then int32 its group size */
+#define V3_EMBEDDING_OFFSET 41 /* version 3: uint8 embedding bits, then int32 the int8 group size */
+#define V3_INT8_LAYERS_OFFSET 46 /* version 3: then 128 bytes, a bit per layer: int8 layers */
 
 #define PREFILL_CHUNK 128 /* tokens per batch: bounds the batch buffers (see batch_rows) */
 #define KEY_BLOCK 32      /* positions a query is scored against per pass (see attend) */
@@ -127,6 +128,11 @@ static int32_t read_i32(const unsigned char *p) {
     return v;
 }
 
+/* Whether version 3 keeps layer l's matrices int8. */
+static int int8_layer(const L2Config *c, int l) {
+    return c->version == 3 && l < 8 * (int)sizeof c->int8_layers && (c->int8_layers[l / 8] >> (l % 8) & 1);
+}
+
 /* Reads the header into cfg and returns the header size in bytes, or -1. */
 static long parse_header(const char *path, const unsigned char *p, size_t size,
                          L2Config *cfg, char *err) {
@@ -158,7 +164,8 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
         if (version >= 2) cfg->group_size = read_i32(p + V2_GROUP_OFFSET);
         if (version == 3) {
             cfg->embedding_bits = p[V3_EMBEDDING_OFFSET];
-            cfg->embedding_group_size = read_i32(p + V3_EMBEDDING_OFFSET + 1);
+            cfg->int8_group_size = read_i32(p + V3_EMBEDDING_OFFSET + 1);
+            memcpy(cfg->int8_layers, p + V3_INT8_LAYERS_OFFSET, sizeof cfg->int8_layers);
         }
     } else {
         if (size < V0_HEADER_BYTES) {
@@ -225,7 +232,7 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
     /* a 4-bit group never straddles rows (every row is dim or hidden_dim wide), and holds
      * whole bytes */
     if (cfg->version == 3) {
-        int gs = cfg->group_size, bits = cfg->embedding_bits, egs = cfg->embedding_group_size;
+        int gs = cfg->group_size, bits = cfg->embedding_bits, egs = cfg->int8_group_size;
         if (gs <= 0 || gs % 2 || cfg->dim % gs || cfg->hidden_dim % gs) {
             set_err(err, "%s: group size %d must be even and divide dim %d and hidden_dim %d", path, gs,
                     cfg->dim, cfg->hidden_dim);
@@ -235,13 +242,29 @@ static long parse_header(const char *path, const unsigned char *p, size_t size,
             set_err(err, "%s: embedding_bits is %d, not 4 or 8", path, bits);
             return -1;
         }
-        if (bits == 8 && (egs <= 0 || cfg->dim % egs)) {
-            set_err(err, "%s: embedding group size %d must be positive and divide dim %d", path, egs,
+        int int8_layers = 0, beyond = -1;
+        for (int l = 0; l < 8 * (int)sizeof cfg->int8_layers; l++) {
+            if (!int8_layer(cfg, l)) continue;
+            if (l >= cfg->n_layers && beyond < 0) beyond = l;
+            int8_layers++;
+        }
+        if (beyond >= 0) {
+            set_err(err, "%s: layer %d is marked int8, but the model has %d layers", path, beyond,
+                    cfg->n_layers);
+            return -1;
+        }
+        if ((bits == 8 || int8_layers) && (egs <= 0 || cfg->dim % egs)) {
+            set_err(err, "%s: int8 group size %d must be positive and divide dim %d", path, egs,
                     cfg->dim);
             return -1;
         }
-        if (bits == 4 && egs) {
-            set_err(err, "%s: embedding group size %d must be 0 with a 4-bit embedding", path, egs);
+        if (int8_layers && cfg->hidden_dim % egs) {
+            set_err(err, "%s: int8 group size %d must divide hidden_dim %d (int8 layers)", path, egs,
+                    cfg->hidden_dim);
+            return -1;
+        }
+        if (bits == 4 && !int8_layers && egs) {
+            set_err(err, "%s: int8 group size %d must be 0 with no int8 matrix", path, egs);
             return -1;
         }
     }
@@ -281,15 +304,22 @@ static void take_mat(Cursor *c, Mat *m, int d, int n) {
     }
 }
 
-static void take_layers(Cursor *c, Mat *mats, int n_layers, int d, int n) {
-    for (int l = 0; l < n_layers; l++) take_mat(c, &mats[l], d, n);
+/* Version 3's layers are 4-bit in groups of group_size, except its int8 layers. */
+static void take_layers(Cursor *c, const L2Config *cfg, Mat *mats, int d, int n) {
+    for (int l = 0; l < cfg->n_layers; l++) {
+        if (cfg->version == 3) {
+            c->bits = int8_layer(cfg, l) ? 8 : 4;
+            c->gs = int8_layer(cfg, l) ? cfg->int8_group_size : cfg->group_size;
+        }
+        take_mat(c, &mats[l], d, n);
+    }
 }
 
 /* Version 3's embedding and unshared classifier: embedding_bits, in groups of their own when
  * int8 (the layers are 4-bit). */
 static void embedding_kind(Cursor *cur, const L2Config *c) {
     cur->bits = c->embedding_bits;
-    cur->gs = c->embedding_bits == 8 ? c->embedding_group_size : c->group_size;
+    cur->gs = c->embedding_bits == 8 ? c->int8_group_size : c->group_size;
 }
 
 /* Returns the bytes the tensors take. With the bounds parse_header enforces no count here
@@ -307,16 +337,15 @@ static uint64_t map_weights(Weights *w, const L2Config *c, const unsigned char *
         w->rms_final = take_f32(&cur, dim);
         if (c->version == 3) embedding_kind(&cur, c);
         take_mat(&cur, &w->token_embedding, vocab, dim);
-        if (c->version == 3) cur.bits = 4, cur.gs = c->group_size;
     }
-    take_layers(&cur, w->layer[WQ], L, dim, dim);
-    take_layers(&cur, w->layer[WK], L, kv_dim, dim);
-    take_layers(&cur, w->layer[WV], L, kv_dim, dim);
-    take_layers(&cur, w->layer[WO], L, dim, dim);
+    take_layers(&cur, c, w->layer[WQ], dim, dim);
+    take_layers(&cur, c, w->layer[WK], kv_dim, dim);
+    take_layers(&cur, c, w->layer[WV], kv_dim, dim);
+    take_layers(&cur, c, w->layer[WO], dim, dim);
     if (c->version == 0) w->rms_ffn = take_f32(&cur, (uint64_t)L * dim);
-    take_layers(&cur, w->layer[W1], L, hidden, dim);
-    take_layers(&cur, w->layer[W2], L, dim, hidden);
-    take_layers(&cur, w->layer[W3], L, hidden, dim);
+    take_layers(&cur, c, w->layer[W1], hidden, dim);
+    take_layers(&cur, c, w->layer[W2], dim, hidden);
+    take_layers(&cur, c, w->layer[W3], hidden, dim);
     if (c->version == 0) {
         w->rms_final = take_f32(&cur, dim);
         /* freq_cis_real and _imag: skipped, RoPE is computed */
@@ -514,8 +543,8 @@ static int batch_rows(const L2Config *c) { return c->seq_len < PREFILL_CHUNK ? c
 
 /* The smallest group in which activations are quantized (0: none are). */
 static int min_group(const L2Config *c) {
-    if (c->version == 3 && c->embedding_bits == 8 && c->embedding_group_size < c->group_size)
-        return c->embedding_group_size;
+    if (c->version == 3 && c->int8_group_size && c->int8_group_size < c->group_size)
+        return c->int8_group_size;
     return c->version >= 2 ? c->group_size : 0;
 }
 

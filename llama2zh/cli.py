@@ -56,36 +56,49 @@ def cmd_export(args, overrides: list[str]) -> int:
         divides_inner_dims,
         read_model_bin,
         v3_group_size,
+        v3_int8_layers,
         write_model_bin,
     )
 
     args.version = 1 if args.version is None else args.version
     for flag, value, versions in (("--group-size", args.group_size, (2, 3)), ("--rounding", args.rounding, (2,)),
-                                  ("--embedding-bits", args.embedding_bits, (3,))):
+                                  ("--embedding-bits", args.embedding_bits, (3,)),
+                                  ("--int8-layers", args.int8_layers, (3,)),
+                                  ("--calibration", args.calibration, (3,))):
         if value is not None and args.version not in versions:
             raise ConfigError(f"{flag} applies to --version {' and '.join(map(str, versions))} only")
     for flag, value in (("--dtype", args.dtype), ("--type", args.type)):
         if value is not None:
             raise ConfigError(f"{flag} applies to --format {'hf' if flag == '--dtype' else 'gguf'} only")
 
+    int8_layers = parse_layers(args.int8_layers) if args.int8_layers is not None else None
     source: Path = args.source
+    state = None
     if source.is_dir():
-        model, _ = load_checkpoint(source / "ckpt.pt")
+        model, state = load_checkpoint(source / "ckpt.pt")
         out = args.out or source / "model.bin"
     else:
         if args.out is None:
             raise ConfigError("converting a .bin needs --out OUT.bin")
+        if args.calibration not in (None, "none"):
+            raise ConfigError("--calibration needs a run directory (out/RUN): a .bin has no tokenizer to check "
+                              "the data against")
         model = read_model_bin(source)
         out = args.out
     group_size = args.group_size
     if group_size is None and args.version in (2, 3):
         group_size = (default_group_size if args.version == 2 else v3_group_size)(model.args)
     embedding_bits = args.embedding_bits or V3_EMBEDDING_BITS
-    write_model_bin(model, out, version=args.version, group_size=group_size, rounding=args.rounding or "mse",
-                    embedding_bits=embedding_bits)
-    detail = f", group size {group_size}" if args.version in (2, 3) else ""
+    hessians, detail = None, f", group size {group_size}" if args.version in (2, 3) else ""
     if args.version == 3:
-        detail += f", embedding {'int8' if embedding_bits == 8 else 'int4'}"
+        int8_layers = v3_int8_layers(model.args) if int8_layers is None else int8_layers
+        from llama2zh.calibrate import export_hessians
+
+        hessians, rounding = export_hessians(model, state, args.calibration)
+        detail += (f", embedding {'int8' if embedding_bits == 8 else 'int4'}, int8 layers "
+                   f"{','.join(map(str, int8_layers)) or 'none'}, {rounding}")
+    write_model_bin(model, out, version=args.version, group_size=group_size, rounding=args.rounding or "mse",
+                    embedding_bits=embedding_bits, int8_layers=int8_layers, hessians=hessians)
     print(f"wrote {out} (version {args.version}{detail}, {out.stat().st_size:,} bytes)")
     if args.version == 2 and not divides_inner_dims(model.args, group_size):
         print(f"warning: group size {group_size} does not divide both dim {model.args.dim} and hidden_dim "
@@ -94,10 +107,24 @@ def cmd_export(args, overrides: list[str]) -> int:
     return 0
 
 
+def parse_layers(text: str) -> tuple[int, ...]:
+    """--int8-layers: "none" or a comma list of layer numbers."""
+    if text.strip() == "none":
+        return ()
+    try:
+        layers = tuple(int(item) for item in text.split(","))
+    except ValueError:
+        raise ConfigError(f"--int8-layers must be 'none' or a comma list of layer numbers, got '{text}'") from None
+    if any(layer < 0 for layer in layers):
+        raise ConfigError(f"--int8-layers: layer numbers start at 0, got '{text}'")
+    return layers
+
+
 def export_elsewhere(args) -> int:
     """--format hf (a transformers directory) or gguf (llama.cpp, with an Ollama Modelfile)."""
     for flag, value in (("--version", args.version), ("--group-size", args.group_size), ("--rounding", args.rounding),
-                        ("--embedding-bits", args.embedding_bits)):
+                        ("--embedding-bits", args.embedding_bits), ("--int8-layers", args.int8_layers),
+                        ("--calibration", args.calibration)):
         if value is not None:
             raise ConfigError(f"{flag} applies to --format bin only")
     wrong = ("--type", args.type) if args.format == "hf" else ("--dtype", args.dtype)
@@ -465,6 +492,12 @@ def build_parser() -> Parser:
     p.add_argument("--embedding-bits", type=int, choices=(4, 8),
                    help="v3: 8 (default) keeps the embedding and the classifier int8, 4 makes them int4 too "
                    "(smaller and faster, less close to float32)")
+    p.add_argument("--int8-layers", metavar="L,L,...|none",
+                   help="v3: the layers kept int8 (default 0: the first layer, which 4 bits harm most)")
+    p.add_argument("--calibration", metavar="DATASET|none",
+                   help="v3: a pretokenized dataset folder (as a config's dataset) whose tokens calibrate the 4-bit "
+                   "rounding (GPTQ); default: the run's own training data, rounding to nearest where there is "
+                   "none (and for a .bin); none: round to nearest")
     p.add_argument("--rounding", choices=ROUNDINGS,
                    help="v2: how each group's scale is picked: mse (the default, as above) or llama2c "
                    "(max|w|/127 alone: the bytes llama2.c's export.py writes)")

@@ -18,14 +18,17 @@ v2: the v1 header with version 2 and, right after the shared_classifier byte (of
     whose hidden_dim is 172) makes groups straddle rows: readers take the groups over the
     flattened matrix, and ./run dequantizes such matrices at load (see default_group_size).
 v3 (ours): the v1 header with version 3 and, from offset 37 (unaligned), int32 group_size G,
-    uint8 embedding_bits (4 or 8) and int32 embedding_group_size EG (0 when 4); then the
-    norms in float32 as v2, then v2's matrices. A 4-bit matrix of N values is N/2 bytes of
-    unsigned values 0..15 (value 2i in byte i's low nibble, 2i+1 in its high one), then N/G
-    float16 scales, then N/G float16 minimums: w = scale * q + min (asymmetric). With
-    embedding_bits 8, the embedding and an unshared classifier are written as v2 writes them
-    (Q8_0, group size EG): the embedding is the classifier of a tied model, and its 4-bit
-    rounding costs the most quality. G divides dim and hidden_dim, so no group straddles a row.
-    Upstream llama2.c (runq reads version 2 only) refuses it.
+    uint8 embedding_bits (4 or 8), int32 int8_group_size EG, then 128 bytes int8_layers (bit
+    l % 8 of byte l / 8 set: layer l is int8); then the norms in float32 as v2, then v2's
+    matrices. A 4-bit matrix of N values is N/2 bytes of unsigned values 0..15 (value 2i in
+    byte i's low nibble, 2i+1 in its high one), then N/G float16 scales, then N/G float16
+    minimums: w = scale * q + min (asymmetric). The int8 matrices, written as v2 writes them
+    (Q8_0, group size EG; EG is 0 when there are none): the embedding and an unshared
+    classifier with embedding_bits 8 (the embedding is the classifier of a tied model, and its
+    4-bit rounding costs the most quality), and the seven matrices of each int8 layer (by
+    default the first, the layer 4 bits harm most). G divides dim and hidden_dim, so no group
+    straddles a row; so does EG when a layer is int8. Upstream llama2.c (runq reads version 2
+    only) refuses it.
 
 Each writer has a reader, so a .bin loads back into the PyTorch model; write -> read ->
 write gives the same bytes (for v2 too: the reader dequantizes, and re-quantizing gives back
@@ -54,7 +57,8 @@ V1_HEADER_SIZE = 256
 V0_HEADER = struct.Struct("<7i")
 V1_HEADER = struct.Struct("<Ii7iB")
 V2_GROUP = struct.Struct("<i")  # at offset V1_HEADER.size, unaligned
-V3_FIELDS = struct.Struct("<iBi")  # group_size, embedding_bits, embedding_group_size, likewise
+V3_FIELDS = struct.Struct("<iBi")  # group_size, embedding_bits, int8_group_size, likewise
+V3_INT8_LAYER_BYTES = 128  # then the int8 layers, a bit each: up to 1024 layers (the C engine's limit)
 VERSIONS = (0, 1, 2, 3)
 DEFAULT_GROUP_SIZE = 64
 ROUNDINGS = ("mse", "llama2c")  # v2 rounding: quantize_q80
@@ -64,11 +68,16 @@ ROUNDINGS = ("mse", "llama2c")  # v2 rounding: quantize_q80
 MSE_STEP, MSE_STEPS = 0.001, 10
 _BLOCK_GROUPS = 4096
 # v3: 16 values a group (G = 32 loses twice the top-1 agreement with float32 on the demo model:
-# README), and the embedding in int8. quantize_q4 tries clipping either end of each group's range
-# by k * CLIP_STEP of it, k = 0..CLIP_STEPS, and keeps the least squared error.
-V3_GROUP_SIZE, V3_EMBEDDING_BITS = 16, 8
+# README), the embedding in int8, and the first layer in int8 (of the layers, 4 bits harm it most:
+# quantized alone it costs the demo model half the KL of all four). quantize_q4 tries clipping
+# either end of each group's range by k * CLIP_STEP of it, k = 0..CLIP_STEPS, and keeps the least
+# squared error.
+V3_GROUP_SIZE, V3_EMBEDDING_BITS, V3_INT8_LAYERS = 16, 8, (0,)
 CLIP_STEP, CLIP_STEPS = 0.02, 4
 LEAST_SQUARES_STEPS = 2  # then refits of each group's scale and minimum to its values (see _refine_q4)
+# GPTQ: the hessian's diagonal is raised by this much of its mean (the paper's 1%; it keeps the
+# inverse stable), and the columns' errors are applied to the rest GPTQ_BLOCK columns at a time
+GPTQ_DAMPING, GPTQ_BLOCK = 0.01, 128
 
 
 @dataclass
@@ -78,7 +87,8 @@ class BinHeader:
     offset: int  # where the tensors start
     group_size: int = 0  # v2, v3
     embedding_bits: int = 0  # v3: 4 or 8
-    embedding_group_size: int = 0  # v3 with embedding_bits 8
+    int8_group_size: int = 0  # v3 with an int8 embedding or int8 layers
+    int8_layers: tuple[int, ...] = ()  # v3
 
 
 def _per_layer(model: Transformer, *names: str) -> list[torch.Tensor]:
@@ -114,11 +124,16 @@ def _v2_matrices(model: Transformer) -> list[torch.Tensor]:
     return tensors
 
 
-def _v2_matrix_bits(model: Transformer, version: int, embedding_bits: int = 0) -> list[tuple[torch.Tensor, int]]:
-    """_v2_matrices, each with the bits a quantized version stores it in: all 8 in v2; 4 in v3,
-    except the embedding and an unshared classifier when embedding_bits is 8."""
-    eight = {id(model.tok_embeddings.weight), id(model.output.weight)} if embedding_bits == 8 else set()
-    return [(t, 8 if version == 2 or id(t) in eight else 4) for t in _v2_matrices(model)]
+def _v2_matrix_bits(model: Transformer, header: BinHeader) -> list[tuple[torch.Tensor, int, int]]:
+    """_v2_matrices, each with the bits a quantized version stores it in and their group size: all
+    8 in v2; 4 in v3, except the embedding and an unshared classifier when embedding_bits is 8, and
+    the int8 layers' matrices."""
+    if header.version == 2:
+        return [(t, 8, header.group_size) for t in _v2_matrices(model)]
+    eight = {id(model.tok_embeddings.weight), id(model.output.weight)} if header.embedding_bits == 8 else set()
+    eight |= {id(p) for layer in header.int8_layers for p in model.layers[layer].parameters() if p.dim() == 2}
+    return [(t, 8, header.int8_group_size) if id(t) in eight else (t, 4, header.group_size)
+            for t in _v2_matrices(model)]
 
 
 def _v1_tensors(model: Transformer) -> list[torch.Tensor]:
@@ -149,16 +164,36 @@ def v3_group_size(args: ModelArgs) -> int:
     return group_size
 
 
-def _check_v3(args: ModelArgs, group_size: int, embedding_bits: int, embedding_group_size: int, what: str) -> None:
+def v3_int8_layers(args: ModelArgs) -> tuple[int, ...]:
+    """V3_INT8_LAYERS, those the model has, unless that is every layer (a one-layer model)."""
+    layers = tuple(layer for layer in V3_INT8_LAYERS if layer < args.n_layers)
+    return layers if len(layers) < args.n_layers else ()
+
+
+def v3_header(args: ModelArgs, group_size: int, embedding_bits: int, int8_layers: tuple[int, ...]) -> BinHeader:
+    """A v3 file's layout; its int8 matrices in groups of default_group_size."""
+    int8_layers = tuple(sorted(set(int8_layers)))
+    int8_group_size = default_group_size(args) if embedding_bits == 8 or int8_layers else 0
+    return BinHeader(3, args, V1_HEADER_SIZE, group_size, embedding_bits, int8_group_size, int8_layers)
+
+
+def _check_v3(h: BinHeader, what: str) -> None:
+    args, group_size, int8_group_size = h.args, h.group_size, h.int8_group_size
     if group_size <= 0 or group_size % 2 or args.dim % group_size or args.hidden_dim % group_size:
         raise UserError(f"{what}: 4-bit group size {group_size} must be even and divide dim {args.dim} and "
                         f"hidden_dim {args.hidden_dim}")
-    if embedding_bits not in (4, 8):
-        raise UserError(f"{what}: embedding bits must be 4 or 8, got {embedding_bits}")
-    if embedding_bits == 4 and embedding_group_size != 0:
-        raise UserError(f"{what}: embedding group size {embedding_group_size} with a 4-bit embedding (must be 0)")
-    if embedding_bits == 8 and (embedding_group_size <= 0 or args.dim % embedding_group_size):
-        raise UserError(f"{what}: embedding group size {embedding_group_size} does not divide dim {args.dim}")
+    if h.embedding_bits not in (4, 8):
+        raise UserError(f"{what}: embedding bits must be 4 or 8, got {h.embedding_bits}")
+    beyond = [layer for layer in h.int8_layers if not 0 <= layer < args.n_layers]
+    if beyond:
+        raise UserError(f"{what}: layer {beyond[0]} is marked int8, but the model has {args.n_layers} layers")
+    if h.embedding_bits == 4 and not h.int8_layers and int8_group_size != 0:
+        raise UserError(f"{what}: int8 group size {int8_group_size} with no int8 matrix (must be 0)")
+    if (h.embedding_bits == 8 or h.int8_layers) and (int8_group_size <= 0 or args.dim % int8_group_size):
+        raise UserError(f"{what}: int8 group size {int8_group_size} does not divide dim {args.dim}")
+    if h.int8_layers and args.hidden_dim % int8_group_size:
+        raise UserError(f"{what}: int8 group size {int8_group_size} does not divide hidden_dim {args.hidden_dim} "
+                        "(int8 layers)")
 
 
 def divides_inner_dims(args: ModelArgs, group_size: int) -> bool:
@@ -219,7 +254,8 @@ def _round_q80(w: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torc
     return values, (w - values * scale[:, None]).square_().sum(dim=1)
 
 
-def quantize_q4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_q4(w: torch.Tensor, group_size: int, hessian: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """v3's 4-bit values (uint8, one per weight, 0..15) and float16 scales and minimums per group
     of group_size consecutive values, w ~= value * scale + min. Per group, the range [lo, hi] is
     clipped at either end by k * CLIP_STEP of it (k = 0..CLIP_STEPS), and the clipping with the
@@ -227,10 +263,15 @@ def quantize_q4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.T
     minimum, kept where they lower the error. Whatever the fit, the group's smallest weight is
     stored as 0 and its largest as 15, which makes write -> read -> write exact:
     the dequantized group's minimum is min and its range 15 * scale, so the unclipped candidate
-    gives back scale and min with no error (q * scale is exact in float32: 4 bits times 11)."""
-    w = w.detach().to("cpu", torch.float32).reshape(-1, group_size)
-    chunks = [_search_q4(block) for block in w.split(_BLOCK_GROUPS)]
-    values, scales, mins = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    gives back scale and min with no error (q * scale is exact in float32: 4 bits times 11).
+    With the hessian of the matrix's inputs (columns x columns), the values are rounded by GPTQ
+    (_gptq_q4) instead of to the nearest."""
+    if hessian is not None:
+        values, scales, mins = _gptq_q4(w.detach().to("cpu", torch.float32), group_size, hessian)
+    else:
+        w = w.detach().to("cpu", torch.float32).reshape(-1, group_size)
+        chunks = [_search_q4(block) for block in w.split(_BLOCK_GROUPS)]
+        values, scales, mins = (torch.cat(parts) for parts in zip(*chunks, strict=True))
     if not (torch.isfinite(scales).all() and torch.isfinite(mins).all()):
         raise UserError("a weight is not finite, or too large for float16 (|w| > 65504): cannot write v3")
     return values.reshape(-1), scales, mins
@@ -255,6 +296,54 @@ def _search_q4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
         best = _refine_q4(w, *best)
     values, scale, low, _ = best
     return values.to(torch.uint8), scale.half(), low.half()
+
+
+def _gptq_q4(w: torch.Tensor, group_size: int, hessian: torch.Tensor,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ (Frantar et al. 2022): the columns are rounded in order, and each one's rounding
+    error is moved onto the columns not yet rounded, in proportion to how the inputs correlate
+    (the inverse hessian's Cholesky factor), so that the matrix's outputs on the calibration
+    inputs, rather than its weights, stay close. A group's scale and minimum are _search_q4's for
+    its weights as they stand when its first column comes. Last, a group whose values no longer
+    reach 0 or 15 gets its lowest or highest one moved there (an error left uncompensated, and
+    rare), which keeps write -> read -> write exact: on weights that are already 4-bit every
+    error is 0, nothing moves, and the same groups come back, with or without a hessian."""
+    rows, cols = w.shape
+    h = hessian.to(torch.float64).clone()
+    h[torch.diag(h) == 0, torch.diag(h) == 0] = 1.0  # inputs never seen: no error to move
+    h += GPTQ_DAMPING * torch.diag(h).mean() * torch.eye(cols, dtype=torch.float64)
+    inverse = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    w = w.clone()
+    values = torch.empty(rows, cols)
+    scales, mins = torch.empty(rows, cols // group_size), torch.empty(rows, cols // group_size)
+    block = group_size * max(1, GPTQ_BLOCK // group_size)
+    for b0 in range(0, cols, block):
+        b1 = min(b0 + block, cols)
+        errors = torch.empty(rows, b1 - b0)
+        for g0 in range(b0, b1, group_size):
+            _, scale, low = _search_q4(w[:, g0 : g0 + group_size])
+            scale, low = scale.float(), low.float()
+            scales[:, g0 // group_size], mins[:, g0 // group_size] = scale, low
+            unrounded = torch.empty(rows, group_size)
+            for j in range(g0, g0 + group_size):
+                unrounded[:, j - g0] = (w[:, j] - low) / torch.where(scale > 0, scale, 1.0)
+                q = torch.where(scale > 0, unrounded[:, j - g0].round().clamp(0, 15), 0.0)
+                values[:, j] = q
+                error = (w[:, j] - (q * scale + low)) / inverse[j, j]
+                w[:, j + 1 : b1] -= error[:, None] * inverse[j, j + 1 : b1][None, :]
+                errors[:, j - b0] = error
+            _keep_extremes(values[:, g0 : g0 + group_size], unrounded, scale)
+        w[:, b1:] -= errors @ inverse[b0:b1, b1:]
+    return values.reshape(-1).to(torch.uint8), scales.reshape(-1).half(), mins.reshape(-1).half()
+
+
+def _keep_extremes(values: torch.Tensor, unrounded: torch.Tensor, scale: torch.Tensor) -> None:
+    """In each row of values (a group each) whose scale is not 0, the value of the lowest
+    unrounded one becomes 0 and of the highest 15."""
+    rows = torch.arange(len(values))
+    live = scale > 0
+    values[rows[live], unrounded.argmin(1)[live]] = 0.0
+    values[rows[live], unrounded.argmax(1)[live]] = 15.0
 
 
 def _refine_q4(w: torch.Tensor, values: torch.Tensor, scale: torch.Tensor, low: torch.Tensor,
@@ -306,8 +395,8 @@ def _header_ints(args: ModelArgs, vocab_size: int) -> tuple[int, ...]:
             args.max_seq_len)
 
 
-def encode_header(args: ModelArgs, version: int, group_size: int = 0, embedding_bits: int = 0,
-                  embedding_group_size: int = 0) -> bytes:
+def encode_header(args: ModelArgs, version: int, group_size: int = 0, v3: BinHeader | None = None) -> bytes:
+    """The header of a file of this version (v2: group_size; v3: v3's fields)."""
     if version == 0:
         vocab = args.vocab_size if args.shared_classifier else -args.vocab_size
         return V0_HEADER.pack(*_header_ints(args, vocab))
@@ -316,13 +405,23 @@ def encode_header(args: ModelArgs, version: int, group_size: int = 0, embedding_
         if version == 2:
             head += V2_GROUP.pack(group_size)
         if version == 3:
-            head += V3_FIELDS.pack(group_size, embedding_bits, embedding_group_size)
+            head += V3_FIELDS.pack(v3.group_size, v3.embedding_bits, v3.int8_group_size)
+            head += _int8_layer_bits(v3.int8_layers)
         return head + b"\0" * (V1_HEADER_SIZE - len(head))
     raise UserError(f"cannot write model.bin version {version}: supported versions are {VERSIONS}")
 
 
+def _int8_layer_bits(layers: tuple[int, ...]) -> bytes:
+    bits = bytearray(V3_INT8_LAYER_BYTES)
+    for layer in layers:
+        bits[layer // 8] |= 1 << (layer % 8)
+    return bytes(bits)
+
+
 def write_model_bin(model: Transformer, path: str | Path, version: int = 1, group_size: int | None = None,
-                    rounding: str = "mse", embedding_bits: int = V3_EMBEDDING_BITS) -> Path:
+                    rounding: str = "mse", embedding_bits: int = V3_EMBEDDING_BITS,
+                    int8_layers: tuple[int, ...] | None = None,
+                    hessians: dict[int, torch.Tensor] | None = None) -> Path:
     """Writes model as a llama2.c model.bin of the given version.
 
     group_size (v2): None picks default_group_size; another value must divide every weight's
@@ -332,13 +431,17 @@ def write_model_bin(model: Transformer, path: str | Path, version: int = 1, grou
     rounding (v2 only): how quantize_q80 picks the scales; "llama2c" gives llama2.c's bytes.
     embedding_bits (v3 only): 8 keeps the embedding and an unshared classifier in Q8_0 (group
     size default_group_size), 4 quantizes them like the rest.
+    int8_layers (v3 only): the layers kept in Q8_0 likewise; None picks v3_int8_layers.
+    hessians (v3 only): id(weight) -> its inputs' x x^T summed over calibration tokens (see
+    calibrate.py); those 4-bit matrices are rounded by quantize_q4's GPTQ.
     """
     if version == 2:
         return _write_v2(model, path, default_group_size(model.args) if group_size is None else group_size,
                          rounding)
     if version == 3:
-        return _write_v3(model, path, v3_group_size(model.args) if group_size is None else group_size,
-                         embedding_bits)
+        layout = v3_header(model.args, v3_group_size(model.args) if group_size is None else group_size,
+                           embedding_bits, v3_int8_layers(model.args) if int8_layers is None else int8_layers)
+        return _write_v3(model, path, layout, hessians or {})
     tensors = _v0_tensors(model) if version == 0 else _v1_tensors(model)
     header = encode_header(model.args, version)
 
@@ -367,23 +470,21 @@ def _write_v2(model: Transformer, path: str | Path, group_size: int, rounding: s
     return atomic_write_bytes(path, chunks())
 
 
-def _write_v3(model: Transformer, path: str | Path, group_size: int, embedding_bits: int) -> Path:
-    args = model.args
-    embedding_group_size = default_group_size(args) if embedding_bits == 8 else 0
-    _check_v3(args, group_size, embedding_bits, embedding_group_size, str(path))
-    header = encode_header(args, 3, group_size, embedding_bits, embedding_group_size)
+def _write_v3(model: Transformer, path: str | Path, layout: BinHeader, hessians: dict[int, torch.Tensor]) -> Path:
+    _check_v3(layout, str(path))
+    header = encode_header(model.args, 3, v3=layout)
 
     def chunks():
         yield header
         for t in _v2_norms(model):
             yield t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-        for t, bits in _v2_matrix_bits(model, 3, embedding_bits):
+        for t, bits, group_size in _v2_matrix_bits(model, layout):
             if bits == 8:
-                values, scales = quantize_q80(t, embedding_group_size)
+                values, scales = quantize_q80(t, group_size)
                 yield values.numpy().tobytes()
                 yield scales.numpy().tobytes()
             else:
-                values, scales, mins = quantize_q4(t, group_size)
+                values, scales, mins = quantize_q4(t, group_size, hessians.get(id(t)))
                 yield pack_q4(values)
                 yield scales.numpy().tobytes()
                 yield mins.numpy().tobytes()
@@ -425,10 +526,11 @@ def read_header(path: str | Path) -> BinHeader:
             header.group_size = V2_GROUP.unpack_from(head, V1_HEADER.size)[0]
             _check_group_size(args, header.group_size, _tensor_sizes(args, 2), f"{path}: bad header")
         if version == 3:
-            header.group_size, header.embedding_bits, header.embedding_group_size = \
+            header.group_size, header.embedding_bits, header.int8_group_size = \
                 V3_FIELDS.unpack_from(head, V1_HEADER.size)
-            _check_v3(args, header.group_size, header.embedding_bits, header.embedding_group_size,
-                      f"{path}: bad header")
+            bits = head[V1_HEADER.size + V3_FIELDS.size :][:V3_INT8_LAYER_BYTES]
+            header.int8_layers = tuple(i for i in range(8 * len(bits)) if bits[i // 8] >> (i % 8) & 1)
+            _check_v3(header, f"{path}: bad header")
     else:
         if len(head) < V0_HEADER.size:
             raise UserError(f"{path}: {size} bytes, too short to be a model.bin")
@@ -459,12 +561,9 @@ def _data_bytes(header: BinHeader) -> int:
         return 4 * sum(_tensor_sizes(header.args, header.version))
     a = header.args
     total = 4 * (2 * a.n_layers + 1) * a.dim  # the norms
-    for t, bits in _v2_matrix_bits(_meta_model(a), header.version, header.embedding_bits):
+    for t, bits, group_size in _v2_matrix_bits(_meta_model(a), header):
         n = t.numel()
-        if bits == 8:
-            total += n + 4 * (n // (header.group_size if header.version == 2 else header.embedding_group_size))
-        else:
-            total += n // 2 + 4 * (n // header.group_size)
+        total += n + 4 * (n // group_size) if bits == 8 else n // 2 + 4 * (n // group_size)
     return total
 
 
@@ -503,16 +602,15 @@ def _read_quantized(path: str | Path, header: BinHeader, model: Transformer) -> 
     with torch.no_grad():
         for t in _v2_norms(model):
             t.copy_(torch.from_numpy(take(t.numel(), np.float32)).view_as(t))
-        for t, bits in _v2_matrix_bits(model, header.version, header.embedding_bits):
+        for t, bits, group_size in _v2_matrix_bits(model, header):
             n = t.numel()
             if bits == 8:
-                group_size = header.group_size if header.version == 2 else header.embedding_group_size
                 values = take(n, np.int8)
                 t.copy_(dequantize_q80(values, take(n // group_size, np.float32), group_size).view_as(t))
             else:
                 packed = take(n // 2, np.uint8)
-                scales, mins = take(n // header.group_size, np.float16), take(n // header.group_size, np.float16)
-                t.copy_(dequantize_q4(packed, scales, mins, header.group_size).view_as(t))
+                scales, mins = take(n // group_size, np.float16), take(n // group_size, np.float16)
+                t.copy_(dequantize_q4(packed, scales, mins, group_size).view_as(t))
 
 
 def convert(src: str | Path, dst: str | Path, version: int, group_size: int | None = None) -> Path:

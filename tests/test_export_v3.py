@@ -121,7 +121,7 @@ def test_cli_exports_v3(tmp_path, capsys):
     assert main(["export", str(v1), "--version", "3", "--group-size", "32", "--embedding-bits", "4",
                  "--out", str(out)]) == 0
     header = read_header(out)
-    assert (header.group_size, header.embedding_bits, header.embedding_group_size) == (32, 4, 0)
+    assert (header.group_size, header.embedding_bits, header.int8_group_size) == (32, 4, 0)
     assert main(["export", str(v1), "--version", "2", "--embedding-bits", "4", "--out", str(out)]) == 2
     assert "--embedding-bits applies to --version 3 only" in capsys.readouterr().err
     assert main(["export", str(v1), "--version", "3", "--group-size", "12", "--out", str(out)]) == 1

@@ -65,10 +65,10 @@ def test_config_reports_the_v3_fields(tmp_path):
     _, path = v3_file(tmp_path, group_size=16, embedding_bits=8)
     config = CModel(path).config
     assert (config["version"], config["group_size"], config["embedding_bits"]) == (3, 16, 8)
-    assert config["embedding_group_size"] == default_group_size(ModelArgs(**GQA)) == 32
+    assert config["int8_group_size"] == default_group_size(ModelArgs(**GQA)) == 32
     _, path = v3_file(tmp_path, name="e4.bin")
     config = CModel(path).config
-    assert (config["group_size"], config["embedding_bits"], config["embedding_group_size"]) == (32, 4, 0)
+    assert (config["group_size"], config["embedding_bits"], config["int8_group_size"]) == (32, 4, 0)
 
 
 NAN16, INF16 = struct.pack("<H", 0x7E00), struct.pack("<H", 0x7C00)

@@ -129,14 +129,18 @@ def open_mixture(datasets: list[tuple[str, float]], tokenizer_dir: Path, lang: s
     """The mix of dataset folders (path, weight), each pretokenized with tokenizer_dir's tokenizer.model
     and lang (or as any text, lang "any")."""
     tokenizer_sha256 = sha256_file(tokenizer_dir / "tokenizer.model")
-    parts = []
-    for path, weight in datasets:
-        shards = TokenShards(Path(path) / tokenizer_dir.name)
-        if shards.manifest["tokenizer_sha256"] != tokenizer_sha256:
-            raise UserError(f"{path} was pretokenized with another {tokenizer_dir.name}/tokenizer.model; "
-                            "pretokenize it again (--force)")
-        if shards.manifest["lang"] not in (lang, "any"):
-            raise UserError(f"{path} was pretokenized with --lang {shards.manifest['lang']}, the config asks for "
-                            f"lang = {lang}; pretokenize it again with --lang {lang} --force")
-        parts.append((Path(path).name, weight, shards))
-    return Mixture(parts)
+    return Mixture([(Path(path).name, weight, open_shards(Path(path), tokenizer_dir.name, tokenizer_sha256, lang))
+                    for path, weight in datasets])
+
+
+def open_shards(path: Path, tokenizer_name: str, tokenizer_sha256: str, lang: str | None) -> TokenShards:
+    """A dataset folder's shards made with the tokenizer tokenizer_name (whose tokenizer.model has
+    that sha256) and lang (or as any text, lang "any"; lang None: any lang)."""
+    shards = TokenShards(path / tokenizer_name)
+    if shards.manifest["tokenizer_sha256"] != tokenizer_sha256:
+        raise UserError(f"{path} was pretokenized with another {tokenizer_name}/tokenizer.model; "
+                        "pretokenize it again (--force)")
+    if lang is not None and shards.manifest["lang"] not in (lang, "any"):
+        raise UserError(f"{path} was pretokenized with --lang {shards.manifest['lang']}, the config asks for "
+                        f"lang = {lang}; pretokenize it again with --lang {lang} --force")
+    return shards
