@@ -36,7 +36,8 @@ def model_seeds(out: Path, scratch: Path) -> None:
             path = write_model_bin(model, scratch / f"{name}_v{version}.bin", version)
             (out / f"model_{name}_v{version}").write_bytes(b"\0" + path.read_bytes())
         # v3 in 4-bit groups of 8 (the SIMD layout) or 2 ("odd": the portable loops), the embedding 4- or
-        # 8-bit; the harness runs byte 2 (bit 1 of the first byte) on the portable kernels
+        # 8-bit, "gqa" with its first layer int8 (the default); the harness runs byte 2 (bit 1 of the first
+        # byte) on the portable kernels
         for bits in (4, 8):
             path = write_model_bin(model, scratch / f"{name}_v3_{bits}.bin", 3, embedding_bits=bits)
             for first in (0, 2):

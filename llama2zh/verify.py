@@ -275,8 +275,9 @@ def run_verify(target: Path, tokenizer_dir: Path | None) -> int:
     args = subject.model.args
     header = read_header(subject.model_bin)
     detail = {2: f", int8 (group size {header.group_size})",
-              3: f", int4 (group size {header.group_size}; embedding "
-                 f"{f'int8, group size {header.int8_group_size}' if header.embedding_bits == 8 else 'int4'})"}
+              3: f", int4 (group size {header.group_size}; embedding {'int8' if header.embedding_bits == 8 else 'int4'}"
+                 f"; int8 layers {','.join(map(str, header.int8_layers)) or 'none'}"
+                 f"{f'; int8 group size {header.int8_group_size}' if header.int8_group_size else ''})"}
     detail = detail.get(header.version, "")
     print(f"verify {target}: dim {args.dim}, {args.n_layers} layers, {args.n_heads} heads "
           f"({args.n_kv_heads} kv), vocab {args.vocab_size}, seq_len {args.max_seq_len}, "

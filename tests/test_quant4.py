@@ -1,4 +1,5 @@
-"""model.bin v3 (4-bit groups, fp16 scale and min; the embedding 4- or 8-bit) in the C engine: the loader's
+"""model.bin v3 (4-bit groups, fp16 scale and min; the embedding 4- or 8-bit; int8 layers, by default the
+first) in the C engine: the loader's
 checks, the 4-bit kernels (each set forced with LLAMA2ZH_KERNEL) against the portable one and against PyTorch
 on the dequantized weights, prefill, batched decode and threads. The files come from llama2zh.export."""
 
@@ -42,14 +43,16 @@ TOLERANCE = 1e-2
 PYTORCH_TOLERANCE = 0.02
 
 
-def v3_file(tmp_path, shape=GQA, seed=40, group_size=32, embedding_bits=4, name="m.bin"):
+def v3_file(tmp_path, shape=GQA, seed=40, group_size=32, embedding_bits=4, name="m.bin", int8_layers=None):
+    """A random model and its v3 file (int8_layers None: the default, layer 0 int8, the rest 4-bit)."""
     model = random_model(seed=seed, **shape)
-    return model, write_model_bin(model, tmp_path / name, 3, group_size=group_size, embedding_bits=embedding_bits)
+    return model, write_model_bin(model, tmp_path / name, 3, group_size=group_size, embedding_bits=embedding_bits,
+                                  int8_layers=int8_layers)
 
 
 def first_q4_offsets(args: ModelArgs, group_size: int, embedding_bits: int) -> tuple[int, int]:
-    """Where the first 4-bit matrix's scales and its mins start: the embedding's when it is 4-bit,
-    else layer 0's wq, after the int8 embedding."""
+    """Where the first 4-bit matrix's scales and its mins start, with no int8 layer: the embedding's when
+    it is 4-bit, else layer 0's wq, after the int8 embedding."""
     at = 256 + 4 * (2 * args.n_layers + 1) * args.dim
     count = args.vocab_size * args.dim
     if embedding_bits == 8:
@@ -66,9 +69,13 @@ def test_config_reports_the_v3_fields(tmp_path):
     config = CModel(path).config
     assert (config["version"], config["group_size"], config["embedding_bits"]) == (3, 16, 8)
     assert config["int8_group_size"] == default_group_size(ModelArgs(**GQA)) == 32
-    _, path = v3_file(tmp_path, name="e4.bin")
+    assert config["int8_layers"] == b"\x01" + bytes(127)  # layer 0
+    _, path = v3_file(tmp_path, name="e4.bin", int8_layers=())
     config = CModel(path).config
     assert (config["group_size"], config["embedding_bits"], config["int8_group_size"]) == (32, 4, 0)
+    _, path = v3_file(tmp_path, name="l2.bin", int8_layers=(2, 0))
+    config = CModel(path).config
+    assert (config["int8_group_size"], config["int8_layers"]) == (32, b"\x05" + bytes(127))
 
 
 NAN16, INF16 = struct.pack("<H", 0x7E00), struct.pack("<H", 0x7C00)
@@ -81,9 +88,14 @@ DAMAGE = [  # (embedding bits, edit, what the one line says)
     (4, lambda p, a: patched(p, 37, struct.pack("<i", 12)), "group size 12 must be even and divide dim 128"),
     (4, lambda p, a: patched(p, 37, struct.pack("<i", -32)), "group size -32 must be even"),
     (4, lambda p, a: patched(p, 41, b"\x05"), "embedding_bits is 5, not 4 or 8"),
-    (4, lambda p, a: patched(p, 42, struct.pack("<i", 32)), "embedding group size 32 must be 0"),
-    (8, lambda p, a: patched(p, 42, struct.pack("<i", 0)), "embedding group size 0 must be positive"),
-    (8, lambda p, a: patched(p, 42, struct.pack("<i", 48)), "embedding group size 48 must be positive and divide"),
+    (4, lambda p, a: patched(p, 42, struct.pack("<i", 32)), "int8 group size 32 must be 0 with no int8 matrix"),
+    (8, lambda p, a: patched(p, 42, struct.pack("<i", 0)), "int8 group size 0 must be positive"),
+    (8, lambda p, a: patched(p, 42, struct.pack("<i", 48)), "int8 group size 48 must be positive and divide"),
+    (4, lambda p, a: patched(p, 46, b"\x08"), "layer 3 is marked int8, but the model has 3 layers"),
+    (8, lambda p, a: patched(p, 46 + 127, b"\x80"), "layer 1023 is marked int8"),
+    # an int8 layer's rows are dim and hidden_dim wide: 64 divides dim 128, not hidden_dim 352
+    (8, lambda p, a: patched(patched(p, 46, b"\x01"), 42, struct.pack("<i", 64)),
+     "int8 group size 64 must divide hidden_dim 352"),
     (4, lambda p, a: patched(p, first_q4_offsets(a, 32, 4)[0] + 6, NAN16), "4-bit quantization scale is nan"),
     (4, lambda p, a: patched(p, first_q4_offsets(a, 32, 4)[1], INF16), "4-bit quantization min is inf"),
     (8, lambda p, a: patched(p, first_q4_offsets(a, 32, 8)[1] - 2, b"\x00\xfc"), "4-bit quantization scale is -inf"),
@@ -94,7 +106,7 @@ DAMAGE = [  # (embedding bits, edit, what the one line says)
 
 @pytest.mark.parametrize("bits, edit, message", DAMAGE, ids=[m for _, _, m in DAMAGE])
 def test_c_loader_rejects_damaged_v3_files_in_one_line(tmp_path, bits, edit, message):
-    model, path = v3_file(tmp_path, embedding_bits=bits)
+    model, path = v3_file(tmp_path, embedding_bits=bits, int8_layers=())
     edit(path, model.args)
     with pytest.raises(EngineError, match=message):
         CModel(path)
@@ -112,7 +124,9 @@ def test_c_loader_rejects_damaged_v3_files_in_one_line(tmp_path, bits, edit, mes
 @pytest.mark.parametrize("bits", [4, 8], ids=["emb4", "emb8"])
 @pytest.mark.parametrize("shape", [GQA, UNTIED], ids=["gqa-tied", "mha-untied"])
 def test_kernels_agree_with_portable_and_pytorch(monkeypatch, tmp_path, kernel, group_size, bits, shape):
-    _, path = v3_file(tmp_path, shape, seed=41, group_size=group_size, embedding_bits=bits)
+    # GQA with the default int8 first layer, UNTIED all 4-bit
+    _, path = v3_file(tmp_path, shape, seed=41, group_size=group_size, embedding_bits=bits,
+                      int8_layers=() if shape is UNTIED else None)
     tokens = [t % shape["vocab_size"] for t in TOKENS]
     expected = token_by_token(kernel_model(monkeypatch, path, "portable"), tokens)
     got = token_by_token(kernel_model(monkeypatch, path, kernel), tokens)
