@@ -64,8 +64,8 @@ THREADS = (1, 2)
 MODEL_BINS = {  # the model.bin files of each model: write_model_bin's arguments
     "v1": dict(version=1),
     "v2": dict(version=2),
-    "v3": dict(version=3),  # the default: groups of 16, the embedding int8
-    "v3 g32": dict(version=3, group_size=32, embedding_bits=4),  # the smallest: groups of 32, all int4
+    "v3": dict(version=3),  # the default: groups of 16, the embedding and the first layer int8
+    "v3 g32": dict(version=3, group_size=32, embedding_bits=4),  # the smallest: groups of 32, all int4 but layer 0
 }
 C_VARIANTS = (  # row label, model.bin, kernel (None: the best this CPU runs)
     ("fp32 plain", "v1", "portable"),
