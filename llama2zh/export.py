@@ -47,6 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from llama2zh.errors import UserError
 from llama2zh.fileio import atomic_write_bytes
@@ -478,7 +479,9 @@ def _write_v3(model: Transformer, path: str | Path, layout: BinHeader, hessians:
         yield header
         for t in _v2_norms(model):
             yield t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
-        for t, bits, group_size in _v2_matrix_bits(model, layout):
+        # GPTQ on a 110M model takes half a minute: show it
+        matrices = tqdm(_v2_matrix_bits(model, layout), desc="writing v3", unit="matrix", leave=False)
+        for t, bits, group_size in matrices:
             if bits == 8:
                 values, scales = quantize_q80(t, group_size)
                 yield values.numpy().tobytes()
