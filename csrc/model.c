@@ -308,15 +308,16 @@ static void take_mat(Cursor *c, Mat *m, int d, int n) {
 static void take_layers(Cursor *c, const L2Config *cfg, Mat *mats, int d, int n) {
     for (int l = 0; l < cfg->n_layers; l++) {
         if (cfg->version == 3) {
-            c->bits = int8_layer(cfg, l) ? 8 : 4;
-            c->gs = int8_layer(cfg, l) ? cfg->int8_group_size : cfg->group_size;
+            int eight = int8_layer(cfg, l);
+            c->bits = eight ? 8 : 4;
+            c->gs = eight ? cfg->int8_group_size : cfg->group_size;
         }
         take_mat(c, &mats[l], d, n);
     }
 }
 
-/* Version 3's embedding and unshared classifier: embedding_bits, in groups of their own when
- * int8 (the layers are 4-bit). */
+/* Version 3's embedding and unshared classifier: embedding_bits, in groups of int8_group_size
+ * when int8, else of group_size. */
 static void embedding_kind(Cursor *cur, const L2Config *c) {
     cur->bits = c->embedding_bits;
     cur->gs = c->embedding_bits == 8 ? c->int8_group_size : c->group_size;

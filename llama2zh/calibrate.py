@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from llama2zh.checkpoint import read_checkpoint
-from llama2zh.config import Config
+from llama2zh.config import Config, load_config
 from llama2zh.corpus.dataset import TokenShards, open_shards
 from llama2zh.errors import UserError
 from llama2zh.model import Transformer
@@ -38,8 +37,9 @@ def run_shards(state: dict, dataset: Path | None) -> tuple[TokenShards, Path] | 
     if dataset is not None:
         return _matching(dataset, tokenizer, known, raise_error=True), dataset
     folders = [(Path(path), tokenizer) for path, _ in config.datasets]
-    if info.get("base_run") and (Path(info["base_run"]) / "ckpt.pt").exists():
-        base = Config(**read_checkpoint(Path(info["base_run"]) / "ckpt.pt")["config"])
+    # the base run's config.toml, not its checkpoint: weights and optimizer state are not needed here
+    if info.get("base_run") and (Path(info["base_run"]) / "config.toml").exists():
+        base = load_config(Path(info["base_run"]) / "config.toml")
         folders += [(Path(path), Path(base.tokenizer).name) for path, _ in base.datasets]
     for folder, name in folders:
         shards = _matching(folder, name, known, raise_error=False)

@@ -171,9 +171,10 @@ class CModel:
             _raise(err)
         self._handle = ffi.gc(handle, lib().l2_model_close)
         config = lib().l2_model_config(handle)
-        # the int8_layers bitmap (a char array) as bytes
-        self.config = {name: bytes(ffi.buffer(value)) if isinstance(value, ffi.CData) else value
-                       for name, value in ((name, getattr(config, name)) for name, _ in ffi.typeof(config).item.fields)}
+        self.config = {}
+        for name, _ in ffi.typeof(config).item.fields:
+            value = getattr(config, name)
+            self.config[name] = bytes(ffi.buffer(value)) if isinstance(value, ffi.CData) else value  # int8_layers
 
     @property
     def vocab_size(self) -> int:

@@ -3,8 +3,8 @@ PyTorch and llama.cpp, measured in the same run.
 
 Random models of llama2.c's 15M, 42M and 110M shapes with the 32000- and 55296-piece vocabs,
 written as model.bin v1 (float32), v2 (int8, Q8_0 groups) and v3 (int4: the default, groups of 16
-with the embedding int8, and the smallest, groups of 32 with the embedding int4 too). For each, at
-1 and 2 threads:
+with the embedding and the first layer int8, and the smallest, groups of 32 with the embedding int4
+too). For each, at 1 and 2 threads:
 
   decode   `./run -t 0 -n 256` from BOS: the achieved tok/s it reports (best of C_ROUNDS runs,
            after one untimed run, and taking turns with the other weights, so that a
