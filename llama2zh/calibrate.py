@@ -81,7 +81,7 @@ def input_hessians(model: Transformer, tokens: torch.Tensor) -> dict[int, torch.
     def hook(name):
         def add(module, args):
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+            sums[name] = sums.get(name, 0) + x.T @ x
         return add
 
     handles = [module.register_forward_pre_hook(hook(name)) for name, (module, _) in readers.items()]

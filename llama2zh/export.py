@@ -325,24 +325,24 @@ def _gptq_q4(w: torch.Tensor, group_size: int, hessian: torch.Tensor,
             _, scale, low = _search_q4(w[:, g0 : g0 + group_size])
             scale, low = scale.float(), low.float()
             scales[:, g0 // group_size], mins[:, g0 // group_size] = scale, low
+            live, divisor = scale > 0, torch.where(scale > 0, scale, 1.0)  # scale 0: a constant group, all 0
             unrounded = torch.empty(rows, group_size)
             for j in range(g0, g0 + group_size):
-                unrounded[:, j - g0] = (w[:, j] - low) / torch.where(scale > 0, scale, 1.0)
-                q = torch.where(scale > 0, unrounded[:, j - g0].round().clamp(0, 15), 0.0)
+                unrounded[:, j - g0] = (w[:, j] - low) / divisor
+                q = torch.where(live, unrounded[:, j - g0].round().clamp(0, 15), 0.0)
                 values[:, j] = q
                 error = (w[:, j] - (q * scale + low)) / inverse[j, j]
                 w[:, j + 1 : b1] -= error[:, None] * inverse[j, j + 1 : b1][None, :]
                 errors[:, j - b0] = error
-            _keep_extremes(values[:, g0 : g0 + group_size], unrounded, scale)
+            _keep_extremes(values[:, g0 : g0 + group_size], unrounded, live)
         w[:, b1:] -= errors @ inverse[b0:b1, b1:]
     return values.reshape(-1).to(torch.uint8), scales.reshape(-1).half(), mins.reshape(-1).half()
 
 
-def _keep_extremes(values: torch.Tensor, unrounded: torch.Tensor, scale: torch.Tensor) -> None:
-    """In each row of values (a group each) whose scale is not 0, the value of the lowest
+def _keep_extremes(values: torch.Tensor, unrounded: torch.Tensor, live: torch.Tensor) -> None:
+    """In each live row of values (a group each, its scale not 0), the value of the lowest
     unrounded one becomes 0 and of the highest 15."""
     rows = torch.arange(len(values))
-    live = scale > 0
     values[rows[live], unrounded.argmin(1)[live]] = 0.0
     values[rows[live], unrounded.argmax(1)[live]] = 15.0
 
